@@ -1,0 +1,2 @@
+#include "native.h"
+int sbx_abi_version(void) { return 1; }

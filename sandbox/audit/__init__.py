@@ -1,0 +1,1 @@
+"""Audit: append-only, hash-chained JSON lines; verify; replay."""

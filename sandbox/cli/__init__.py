@@ -1,0 +1,1 @@
+"""sandboxctl: the operator's and orchestrator's command line."""

@@ -1,0 +1,1 @@
+"""sandboxd: the asyncio server on the Unix socket, auth, tokens, recovery."""

@@ -1,0 +1,1 @@
+"""The sandbox lifecycle: ordered named steps with their undo, exec, verified destroy."""

@@ -1,0 +1,1 @@
+"""The output scanner: rules, engine, decoders, validators."""

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: fake secrets generated at run time, test namespaces, cleanup."""
