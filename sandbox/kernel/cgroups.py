@@ -1,0 +1,772 @@
+"""Resource limits through cgroups: one interface, two drivers, fail closed.
+
+Layouts (detected from /proc/self/mountinfo at start, see `detect_layout`):
+
+- **v2** (unified): cgroup2 at /sys/fs/cgroup with controllers. One cgroup per sandbox under
+  the daemon's subtree; limits in memory.max / memory.swap.max / memory.oom.group / pids.max /
+  cpu.max; membership by CLONE_INTO_CGROUP, kill with cgroup.kill, freeze with cgroup.freeze
+  (Documentation/admin-guide/cgroup-v2.rst).
+- **hybrid**: v1 controllers under /sys/fs/cgroup/<ctrl> plus a cgroup2 mount with no
+  controllers (/sys/fs/cgroup/unified). The limits live in the v1 controllers (the C parent
+  writes the child's pid into each `cgroup.procs` before the child runs anything); membership,
+  kill and freeze live in the controller-less cgroup2 directory, where cgroup.kill and
+  cgroup.freeze are core files that need no controller.
+- **v1** (no cgroup2 at all): as hybrid, but kill is freezer FROZEN + SIGKILL every task +
+  THAWED until empty (Documentation/admin-guide/cgroup-v1/freezer-subsystem.rst), in a
+  bounded loop.
+
+A limit the policy asks for whose controller is missing or not delegated makes creation fail
+with a CgroupError naming the controller: a sandbox never runs silently without a limit.
+
+The handle (`SandboxCgroup`, set as `ctx.cgroup` by the step) gives the engine kill(),
+freeze(), thaw(), pids(), usage(), events(), mark()/since() for per-command figures,
+reason() / reason_text() for "killed: memory limit 64 MiB reached", and remove(), which
+verifies every directory is gone.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sandbox.errors import CgroupError, TeardownError
+
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+DEFAULT_PARENT = "sandboxd"
+CFS_PERIOD_US = 100_000          # the kernel's default period; quota = cpus * period
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer", "blkio", "cpuset", "devices",
+                   "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc")
+_WAIT_STEPS = 400                # bounded waits: 400 x 5 ms = 2 s
+_WAIT_SLEEP = 0.005
+_KILL_ROUNDS = 100               # v1 freeze+kill rounds before giving up loudly
+
+
+# ---------------------------------------------------------------------------- small helpers
+
+def human_size(n: int) -> str:
+    """1073741824 -> '1 GiB', 67108864 -> '64 MiB' (for reason texts and doctor)."""
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _write(path: Path, value: str):
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise CgroupError(f"cannot write {value.strip()!r} to {path}", errno=e.errno,
+                          syscall="write") from e
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise CgroupError(f"cannot read {path}", errno=e.errno, syscall="read") from e
+
+
+def _read_int(path: Path, default: int = 0) -> int:
+    """An integer file; 'max' and a missing file give `default`."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return default
+    except OSError as e:
+        raise CgroupError(f"cannot read {path}", errno=e.errno, syscall="read") from e
+    return default if text == "max" else int(text.split()[0])
+
+
+def _read_keyed(path: Path) -> dict[str, int]:
+    """'key value' lines (cpu.stat, memory.events, pids.events, memory.oom_control)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(x) for x in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _mkdir(path: Path) -> bool:
+    """mkdir that says whether it made the directory (for intent and undo)."""
+    try:
+        path.mkdir()
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise CgroupError(f"cannot create cgroup {path}", errno=e.errno, syscall="mkdir") from e
+
+
+def _rmdir_verified(path: Path) -> str | None:
+    """rmdir a cgroup directory, retrying while the last tasks finish exiting (EBUSY).
+    Returns None when it is gone, else a description of what is left."""
+    last = None
+    for _ in range(_WAIT_STEPS):
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            last = e
+            if e.errno not in (errno.EBUSY, errno.EAGAIN):
+                break
+            time.sleep(_WAIT_SLEEP)
+            continue
+        return None if not path.exists() else f"{path} (still exists)"
+    return f"{path} ({os.strerror(last.errno) if last else 'still exists'})"
+
+
+def _wait_until(predicate) -> bool:
+    for _ in range(_WAIT_STEPS):
+        if predicate():
+            return True
+        time.sleep(_WAIT_SLEEP)
+    return predicate()
+
+
+def host_swap_bytes() -> int:
+    """Total swap on the host (/proc/meminfo SwapTotal), in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("SwapTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# ---------------------------------------------------------------------------- layout detection
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str                                   # "v2", "hybrid", "v1" or "none"
+    unified: Path | None = None                 # the cgroup2 mount point
+    v2_controllers: frozenset = frozenset()     # controllers the cgroup2 root offers
+    v1: dict = field(default_factory=dict)      # v1 controller -> its mount point
+    swap_bytes: int = 0                         # host swap (decides whether swap=0 needs memsw)
+
+    def controllers(self) -> set[str]:
+        return set(self.v2_controllers) if self.kind == "v2" else set(self.v1)
+
+
+def parse_mountinfo(text: str) -> tuple[Path | None, dict[str, Path]]:
+    """(cgroup2 mount point, {v1 controller: mount point}) from /proc/self/mountinfo text.
+    Named v1 hierarchies (name=systemd) carry no controller and are ignored."""
+    unified, v1 = None, {}
+    for line in text.splitlines():
+        left, _, right = line.partition(" - ")
+        fields_l, fields_r = left.split(), right.split()
+        if len(fields_l) < 5 or len(fields_r) < 3:
+            continue
+        mountpoint = Path(fields_l[4].replace("\\040", " "))
+        fstype, super_opts = fields_r[0], fields_r[2].split(",")
+        if fstype == "cgroup2" and unified is None:
+            unified = mountpoint
+        elif fstype == "cgroup":
+            for opt in super_opts:
+                if opt in _V1_CONTROLLERS and opt not in v1:
+                    v1[opt] = mountpoint
+    return unified, v1
+
+
+def detect_layout(mountinfo: str | None = None) -> Layout:
+    if mountinfo is None:
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    unified, v1 = parse_mountinfo(mountinfo)
+    v2c = frozenset()
+    if unified is not None:
+        try:
+            v2c = frozenset((unified / "cgroup.controllers").read_text().split())
+        except OSError:
+            v2c = frozenset()
+    # A cgroup2 root offering memory, or the only cgroup filesystem, is v2. A cgroup2 root
+    # beside v1 controllers is hybrid even when it offers a stray controller (hugetlb here).
+    if unified is not None and ("memory" in v2c or not v1):
+        kind = "v2"
+    elif v1:
+        kind = "hybrid" if unified is not None else "v1"
+    else:
+        kind = "none"
+    return Layout(kind, unified, v2c, dict(v1), host_swap_bytes())
+
+
+_LAYOUT: Layout | None = None
+
+
+def host_layout() -> Layout:
+    """The host's layout, detected once per process (tests may monkeypatch this)."""
+    global _LAYOUT
+    if _LAYOUT is None:
+        _LAYOUT = detect_layout()
+    return _LAYOUT
+
+
+# ---------------------------------------------------------------------------- what a policy needs
+
+def required_controllers(limits, layout: Layout) -> dict[str, str]:
+    """{controller: why} for the policy's limits on this layout."""
+    need = {"memory": f"memory limit {human_size(limits.memory)}",
+            "pids": f"process limit {limits.pids}"}
+    if limits.cpus:
+        need["cpu"] = f"CPU limit {limits.cpus:g} cores"
+    if layout.kind == "v1":
+        need["freezer"] = "freeze and kill of the whole sandbox (no cgroup2 mount)"
+    return need
+
+
+def check_enforceable(limits, layout: Layout):
+    """Raise CgroupError naming each missing controller the policy needs (fail closed)."""
+    if layout.kind == "none":
+        raise CgroupError("no cgroup filesystem is mounted: no limit can be enforced")
+    have = layout.controllers()
+    missing = {c: why for c, why in required_controllers(limits, layout).items() if c not in have}
+    if missing:
+        what = "; ".join(f"controller '{c}' (for the {why})" for c, why in sorted(missing.items()))
+        raise CgroupError(f"cannot enforce the policy's limits on this {layout.kind} cgroup host: "
+                          f"missing {what}")
+
+
+# ---------------------------------------------------------------------------- the handle
+
+class SandboxCgroup:
+    """One sandbox's cgroup(s). Subclasses say where each figure lives."""
+
+    kind = "?"
+
+    def __init__(self, name: str, limits, v2_dir: Path | None, v1_dirs: dict[str, Path]):
+        self.name = name
+        self.limits = limits
+        self.v2_dir = v2_dir
+        self.v1_dirs = dict(v1_dirs)
+        self._fd: int | None = None
+        self._marks: list = []
+
+    # membership ------------------------------------------------------------
+    def paths(self) -> list[Path]:
+        return ([self.v2_dir] if self.v2_dir else []) + list(self.v1_dirs.values())
+
+    def open_fd(self) -> int | None:
+        """An O_DIRECTORY fd of the cgroup2 directory for clone3(CLONE_INTO_CGROUP).
+        Owned by this handle (closed by remove()); the engine must not close it."""
+        if self.v2_dir is None:
+            return None
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.v2_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise CgroupError(f"cannot open cgroup {self.v2_dir}", errno=e.errno,
+                                  syscall="open") from e
+        return self._fd
+
+    def v1_procs(self) -> list[str]:
+        """The v1 cgroup.procs files the C parent writes the child's pid into."""
+        return [str(d / "cgroup.procs") for d in self.v1_dirs.values()]
+
+    def add(self, pid: int):
+        """Move a running process in (tests, benchmarks; the engine clones straight in)."""
+        for p in self.paths():
+            _write(p / "cgroup.procs", str(pid))
+
+    def pids(self) -> list[int]:
+        seen = set()
+        for p in self.paths():
+            seen.update(_read_pids(p / "cgroup.procs"))
+        return sorted(seen)
+
+    # control ---------------------------------------------------------------
+    def kill(self):
+        raise NotImplementedError
+
+    def freeze(self):
+        raise NotImplementedError
+
+    def thaw(self):
+        raise NotImplementedError
+
+    def _kill_by_freezing(self, freezer: Path):
+        """v1: freeze, SIGKILL every task, thaw, until the cgroup is empty. Freezing first
+        means a fork bomb cannot make new tasks between our read of the list and the kill."""
+        for _ in range(_KILL_ROUNDS):
+            tasks = self.pids()
+            if not tasks:
+                return
+            _write(freezer / "freezer.state", "FROZEN")
+            _wait_until(lambda: _read(freezer / "freezer.state").strip() != "FREEZING")
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _write(freezer / "freezer.state", "THAWED")
+            _wait_until(lambda: not self.pids())
+        if self.pids():
+            raise CgroupError(f"cgroup {self.name} still has processes after {_KILL_ROUNDS} "
+                              f"kill rounds: {self.pids()[:10]}")
+
+    def _kill_by_signal(self):
+        """Last resort for tasks outside the cgroup2 directory (should never happen)."""
+        for _ in range(_KILL_ROUNDS):
+            tasks = self.pids()
+            if not tasks:
+                return
+            for pid in tasks:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _wait_until(lambda: not self.pids())
+
+    # reporting -------------------------------------------------------------
+    def usage(self) -> dict:
+        raise NotImplementedError
+
+    def events(self) -> dict:
+        raise NotImplementedError
+
+    def mark(self) -> dict:
+        """Start of a command: remember counters so since() gives that command's figures."""
+        m = {"usage": self.usage(), "events": self.events()}
+        self._reset_peak()
+        return m
+
+    def since(self, mark: dict) -> dict:
+        """Figures of one command: cpu time and events since mark(), peaks during it."""
+        now, ev = self.usage(), self.events()
+        out = dict(now)
+        out["cpu_seconds"] = round(now["cpu_seconds"] - mark["usage"]["cpu_seconds"], 6)
+        out.update({k: ev[k] - mark["events"].get(k, 0) for k in ev})
+        return out
+
+    def _reset_peak(self):
+        pass
+
+    def reason(self, events: dict | None = None) -> tuple[str | None, str]:
+        """(code, text) for what the limits did: code 'oom', 'pids' or None."""
+        ev = self.events() if events is None else events
+        if ev.get("oom_kills"):
+            return "oom", f"killed: memory limit {human_size(self.limits.memory)} reached"
+        if ev.get("pids_max_hits"):
+            return "pids", f"stopped: process limit {self.limits.pids} reached"
+        return None, ""
+
+    def reason_text(self, events: dict | None = None) -> str:
+        return self.reason(events)[1]
+
+    # teardown --------------------------------------------------------------
+    def remove(self):
+        """Kill everything, remove every directory, verify. Raises TeardownError naming leftovers."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            self.kill()
+        except CgroupError as e:
+            raise TeardownError(f"cgroup {self.name}: {e}", leftovers=[str(p) for p in self.paths()])
+        left = [r for r in (_rmdir_verified(p) for p in self.paths()) if r]
+        if left:
+            raise TeardownError(f"cgroup {self.name} not removed", leftovers=left)
+
+
+class V2Cgroup(SandboxCgroup):
+    kind = "v2"
+
+    def kill(self):
+        # cgroup.kill (5.14+) SIGKILLs every task in the subtree atomically w.r.t. forks.
+        if not self.v2_dir.exists():
+            return
+        _write(self.v2_dir / "cgroup.kill", "1")
+        if not _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("populated") == 0):
+            raise CgroupError(f"cgroup {self.name} still populated after cgroup.kill: "
+                              f"{self.pids()[:10]}")
+
+    def freeze(self):
+        _write(self.v2_dir / "cgroup.freeze", "1")
+        if not _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("frozen") == 1):
+            raise CgroupError(f"cgroup {self.name} did not freeze")
+
+    def thaw(self):
+        _write(self.v2_dir / "cgroup.freeze", "0")
+
+    def usage(self) -> dict:
+        d = self.v2_dir
+        cpu = _read_keyed(d / "cpu.stat").get("usage_usec", 0)
+        return {"cpu_seconds": cpu / 1e6,
+                "memory_current": _read_int(d / "memory.current"),
+                "memory_peak": _read_int(d / "memory.peak"),
+                "pids_current": _read_int(d / "pids.current"),
+                "pids_peak": _read_int(d / "pids.peak")}
+
+    def events(self) -> dict:
+        mem = _read_keyed(self.v2_dir / "memory.events")
+        return {"oom_kills": mem.get("oom_kill", 0) + mem.get("oom_group_kill", 0),
+                "pids_max_hits": _read_keyed(self.v2_dir / "pids.events").get("max", 0)}
+
+
+class V1Cgroup(SandboxCgroup):
+    """Limits in v1 controllers; membership, kill and freeze in cgroup2 when mounted (hybrid)."""
+
+    kind = "v1"
+
+    def kill(self):
+        if self.v2_dir is not None and self.v2_dir.exists():
+            _write(self.v2_dir / "cgroup.kill", "1")
+            _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("populated") == 0)
+        if "freezer" in self.v1_dirs and self.v1_dirs["freezer"].exists():
+            self._kill_by_freezing(self.v1_dirs["freezer"])
+        else:
+            self._kill_by_signal()
+        if self.pids():
+            raise CgroupError(f"cgroup {self.name} still has processes: {self.pids()[:10]}")
+
+    def freeze(self):
+        if self.v2_dir is not None:
+            _write(self.v2_dir / "cgroup.freeze", "1")
+            ok = _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("frozen") == 1)
+        else:
+            fz = self.v1_dirs["freezer"] / "freezer.state"
+            _write(fz, "FROZEN")
+            ok = _wait_until(lambda: _read(fz).strip() == "FROZEN")
+        if not ok:
+            raise CgroupError(f"cgroup {self.name} did not freeze")
+
+    def thaw(self):
+        if self.v2_dir is not None:
+            _write(self.v2_dir / "cgroup.freeze", "0")
+        else:
+            _write(self.v1_dirs["freezer"] / "freezer.state", "THAWED")
+
+    def _cpu_seconds(self) -> float:
+        if "cpuacct" in self.v1_dirs:
+            return _read_int(self.v1_dirs["cpuacct"] / "cpuacct.usage") / 1e9
+        if self.v2_dir is not None:     # core cpu.stat exists in cgroup2 even without controllers
+            return _read_keyed(self.v2_dir / "cpu.stat").get("usage_usec", 0) / 1e6
+        return 0.0
+
+    def usage(self) -> dict:
+        mem, pids = self.v1_dirs["memory"], self.v1_dirs["pids"]
+        peak = _read_int(mem / "memory.max_usage_in_bytes")
+        self._peak_seen = max(getattr(self, "_peak_seen", 0), peak)
+        return {"cpu_seconds": self._cpu_seconds(),
+                "memory_current": _read_int(mem / "memory.usage_in_bytes"),
+                "memory_peak": peak,
+                "pids_current": _read_int(pids / "pids.current"),
+                "pids_peak": _read_int(pids / "pids.peak")}
+
+    def sandbox_memory_peak(self) -> int:
+        """Peak over the sandbox's life (mark() resets the per-command counter)."""
+        self.usage()
+        return self._peak_seen
+
+    def _reset_peak(self):
+        # memory.max_usage_in_bytes is reset by writing 0 (cgroup-v1/memory.rst 5.4).
+        self.usage()
+        try:
+            _write(self.v1_dirs["memory"] / "memory.max_usage_in_bytes", "0")
+        except CgroupError:
+            pass
+
+    def events(self) -> dict:
+        oom = _read_keyed(self.v1_dirs["memory"] / "memory.oom_control")
+        return {"oom_kills": oom.get("oom_kill", 0),
+                "pids_max_hits": _read_keyed(self.v1_dirs["pids"] / "pids.events").get("max", 0)}
+
+
+# ---------------------------------------------------------------------------- drivers
+
+class Driver:
+    """Makes sandbox cgroups under `parent` (a path relative to each hierarchy's root)."""
+
+    def __init__(self, layout: Layout, parent: str | None = None):
+        self.layout = layout
+        self.parent = (parent or DEFAULT_PARENT).strip("/")
+
+    def create(self, name: str, limits, intent=None) -> SandboxCgroup:
+        raise NotImplementedError
+
+    def remove_parent(self):
+        """Remove the (empty) parent directories; tests call this for their own parent."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _record(intent, path: Path):
+        if intent is not None:
+            intent.add("cgroup", path=str(path))
+
+
+def _check_name(name: str):
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise CgroupError(f"not a valid cgroup name: {name!r}")
+
+
+class V2Driver(Driver):
+    """cgroup v2. Parent: the daemon's delegated cgroup (systemd Delegate=yes) or a subtree it
+    makes. Controllers must be enabled top-down in cgroup.subtree_control of every ancestor;
+    the "no internal processes" rule means the parent itself must hold no process."""
+
+    def __init__(self, layout: Layout, parent: str | None = None):
+        super().__init__(layout, parent if parent is not None else delegated_parent(layout))
+        self.root = layout.unified
+
+    def _enable(self, limits):
+        wanted = ["memory", "pids"] + (["cpu"] if limits.cpus else [])
+        cur = self.root
+        for part in self.parent.split("/"):
+            self._enable_in(cur, wanted)
+            cur = cur / part
+            _mkdir(cur)
+        self._enable_in(cur, wanted)
+        return cur
+
+    @staticmethod
+    def _enable_in(cg: Path, wanted: list[str]):
+        have = set(_read(cg / "cgroup.controllers").split())
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            raise CgroupError(f"controller(s) {', '.join(missing)} not available in {cg} "
+                              f"(not enabled or not delegated): cannot enforce the limits")
+        enabled = set(_read(cg / "cgroup.subtree_control").split())
+        todo = [c for c in wanted if c not in enabled]
+        if todo:
+            _write(cg / "cgroup.subtree_control", " ".join("+" + c for c in todo))
+
+    def create(self, name, limits, intent=None) -> V2Cgroup:
+        _check_name(name)
+        check_enforceable(limits, self.layout)
+        parent = self._enable(limits)
+        d = parent / name
+        self._record(intent, d)
+        if not _mkdir(d):
+            raise CgroupError(f"cgroup {d} already exists (sandbox id reused?)")
+        cg = V2Cgroup(name, limits, d, {})
+        try:
+            self._apply(d, limits)
+        except BaseException:
+            cg.remove()
+            raise
+        return cg
+
+    def _apply(self, d: Path, limits):
+        _write(d / "memory.max", str(limits.memory))
+        swap_file = d / "memory.swap.max"
+        if swap_file.exists():
+            _write(swap_file, str(limits.swap))
+        elif self.layout.swap_bytes:
+            raise CgroupError("memory.swap.max is missing (swap accounting off) and the host has "
+                              f"swap: the swap limit {human_size(limits.swap)} cannot be enforced")
+        _write(d / "memory.oom.group", "1")     # an OOM kills the whole sandbox, not one victim
+        _write(d / "pids.max", str(limits.pids))
+        if limits.cpus:
+            _write(d / "cpu.max", f"{int(limits.cpus * CFS_PERIOD_US)} {CFS_PERIOD_US}")
+
+    def remove_parent(self):
+        parts = self.parent.split("/")
+        for i in range(len(parts), 0, -1):
+            r = _rmdir_verified(self.root.joinpath(*parts[:i]))
+            if r:
+                raise TeardownError("cgroup parent not removed", leftovers=[r])
+
+
+def delegated_parent(layout: Layout) -> str:
+    """Under systemd with Delegate=yes the daemon's own cgroup is ours to manage: move the
+    daemon into a leaf ("no internal processes") and make sandboxes beside it. Otherwise
+    a subtree we create (/sys/fs/cgroup/sandboxd)."""
+    if layout.kind != "v2" or not os.environ.get("INVOCATION_ID"):
+        return DEFAULT_PARENT
+    own = ""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            own = line[3:].strip("/")
+    if not own.endswith(".service"):
+        return DEFAULT_PARENT
+    leaf = layout.unified / own / "daemon"
+    _mkdir(leaf)
+    _write(leaf / "cgroup.procs", str(os.getpid()))
+    return own
+
+
+class V1HybridDriver(Driver):
+    """v1 controllers (memory, pids, cpu, cpuacct, freezer) plus a cgroup2 directory for
+    membership, kill and freeze when a cgroup2 mount exists (hybrid)."""
+
+    CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+
+    def create(self, name, limits, intent=None) -> V1Cgroup:
+        _check_name(name)
+        check_enforceable(limits, self.layout)
+        made: dict[str, Path] = {}
+        v2_dir = None
+        cg = None
+        try:
+            for ctrl in self.CONTROLLERS:
+                if ctrl not in self.layout.v1 or (ctrl == "cpu" and not limits.cpus):
+                    continue
+                d = self._dir(self.layout.v1[ctrl], name)
+                self._record(intent, d)
+                if not _mkdir(d):
+                    raise CgroupError(f"cgroup {d} already exists (sandbox id reused?)")
+                made[ctrl] = d
+            if self.layout.unified is not None:
+                v2_dir = self._dir(self.layout.unified, name)
+                self._record(intent, v2_dir)
+                if not _mkdir(v2_dir):
+                    raise CgroupError(f"cgroup {v2_dir} already exists (sandbox id reused?)")
+            cg = V1Cgroup(name, limits, v2_dir, made)
+            self._apply(made, limits)
+        except BaseException:
+            (cg or V1Cgroup(name, limits, v2_dir, made)).remove()
+            raise
+        return cg
+
+    def _dir(self, root: Path, name: str) -> Path:
+        cur = root
+        for part in self.parent.split("/"):
+            cur = cur / part
+            _mkdir(cur)
+        return cur / name
+
+    def _apply(self, dirs: dict[str, Path], limits):
+        mem = dirs["memory"]
+        # limit_in_bytes first: memsw.limit_in_bytes must never be below it (cgroup-v1/memory.rst).
+        _write(mem / "memory.limit_in_bytes", str(limits.memory))
+        memsw = mem / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            _write(memsw, str(limits.memory + limits.swap))
+        elif self.layout.swap_bytes:
+            raise CgroupError("memory.memsw.limit_in_bytes is missing (swapaccount off) and the "
+                              f"host has swap: the swap limit {human_size(limits.swap)} cannot be "
+                              "enforced")
+        # oom_kill_disable stays 0: the kernel OOM-kills inside the cgroup at the limit
+        # instead of pausing it; memory.oom_control counts the kills for the report.
+        _write(mem / "memory.oom_control", "0")
+        _write(dirs["pids"] / "pids.max", str(limits.pids))
+        if limits.cpus:
+            _write(dirs["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+            _write(dirs["cpu"] / "cpu.cfs_quota_us", str(int(limits.cpus * CFS_PERIOD_US)))
+
+    def remove_parent(self):
+        roots = [self.layout.v1[c] for c in self.CONTROLLERS if c in self.layout.v1]
+        roots += [self.layout.unified] if self.layout.unified else []
+        parts = self.parent.split("/")
+        left = []
+        for root in roots:
+            for i in range(len(parts), 0, -1):
+                r = _rmdir_verified(root.joinpath(*parts[:i]))
+                if r:
+                    left.append(r)
+        if left:
+            raise TeardownError("cgroup parent not removed", leftovers=left)
+
+
+def driver_for(layout: Layout | None = None, parent: str | None = None) -> Driver:
+    layout = layout or host_layout()
+    if layout.kind == "v2":
+        return V2Driver(layout, parent)
+    if layout.kind in ("hybrid", "v1"):
+        return V1HybridDriver(layout, parent)
+    raise CgroupError("no cgroup filesystem is mounted: no limit can be enforced")
+
+
+# ---------------------------------------------------------------------------- engine, recovery, doctor
+
+def make_step(ctx):
+    """The 'cgroup' setup step: create the sandbox's cgroup with its limits, fill
+    plan.cgroup2_fd / plan.cgroup_v1_procs, and set ctx.cgroup to the handle.
+    The parent is `ctx.cgroup_parent` when the caller sets it (tests), else the default."""
+    from sandbox.runtime.lifecycle import Step
+
+    def do():
+        driver = driver_for(parent=getattr(ctx, "cgroup_parent", None))
+        cg = driver.create(ctx.id, ctx.policy.limits, intent=getattr(ctx, "intent", None))
+        ctx.cgroup = cg
+        ctx.plan.cgroup2_fd = cg.open_fd()
+        ctx.plan.cgroup_v1_procs = cg.v1_procs()
+        return cg
+
+    def undo(cg):
+        cg.remove()
+
+    return Step("cgroup", do, undo, describe="cgroup with the policy's limits")
+
+
+def cleanup(fields: dict):
+    """Crash recovery for an intent record {kind: cgroup, path}: kill what is inside, remove
+    the directory, verify. Idempotent."""
+    path = Path(fields["path"])
+    if not path.exists():
+        return
+    if (path / "cgroup.kill").exists():
+        _write(path / "cgroup.kill", "1")
+    for _ in range(_KILL_ROUNDS):
+        tasks = _read_pids(path / "cgroup.procs")
+        if not tasks:
+            break
+        for pid in tasks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_until(lambda: not _read_pids(path / "cgroup.procs"))
+    left = _rmdir_verified(path)
+    if left:
+        raise TeardownError("cgroup not removed", leftovers=[left])
+
+
+def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
+    release = release or os.uname().release
+    nums = [int(x) for x in release.split("-")[0].split(".")[:2] if x.isdigit()]
+    return tuple(nums) >= (major, minor)
+
+
+def probe(layout: Layout | None = None) -> dict:
+    """For `sandboxctl doctor`: the layout, the controllers, and which limits are enforceable."""
+    layout = layout or host_layout()
+    have = layout.controllers()
+    if layout.unified is not None and kernel_at_least(5, 14):
+        kill_via = "cgroup.kill"
+    elif "freezer" in have:
+        kill_via = "freezer + SIGKILL"
+    else:
+        kill_via = None
+    if layout.kind == "v2":
+        swap_ok = not layout.swap_bytes or any(
+            (d / "memory.swap.max").exists() for d in layout.unified.iterdir() if d.is_dir())
+    else:
+        mem = layout.v1.get("memory")
+        swap_ok = not layout.swap_bytes or bool(mem and (mem / "memory.memsw.usage_in_bytes").exists())
+    return {
+        "layout": layout.kind,
+        "unified_mount": str(layout.unified) if layout.unified else None,
+        "v2_controllers": sorted(layout.v2_controllers),
+        "v1_controllers": sorted(layout.v1),
+        "host_swap_bytes": layout.swap_bytes,
+        "enforceable": {
+            "memory": "memory" in have,
+            "swap": "memory" in have and swap_ok,
+            "pids": "pids" in have,
+            "cpus": "cpu" in have,
+            "freeze": layout.unified is not None or "freezer" in have,
+            "kill": kill_via is not None,
+        },
+        "kill_method": kill_via,
+        "driver": {"v2": "V2Driver", "hybrid": "V1HybridDriver", "v1": "V1HybridDriver"}.get(
+            layout.kind),
+    }

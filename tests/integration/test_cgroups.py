@@ -1,0 +1,89 @@
+"""The v1/hybrid cgroup driver on this host's real kernel, with processes the test starts
+and moves in before they run anything (the engine clones straight into the cgroups; the
+tests through the Sandbox API live in test_limits_sandbox.py)."""
+import pytest
+
+from sandbox.errors import CgroupError
+from sandbox.kernel import cgroups
+from tests.helpers import limits as L
+
+
+@pytest.fixture
+def made():
+    layout = cgroups.host_layout()
+    assert layout.kind in ("hybrid", "v1"), f"this suite expects the hybrid host, got {layout.kind}"
+    m = L.Made(cgroups.V1HybridDriver(layout, parent=L.parent_name()))
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def test_layout_is_detected_as_hybrid():
+    info = cgroups.probe()
+    assert info["layout"] == "hybrid" and info["driver"] == "V1HybridDriver"
+    assert all(info["enforceable"][k] for k in ("memory", "pids", "cpus", "freeze", "kill"))
+
+
+def test_limits_are_written(made):
+    cg = made.create("written")
+    v1 = cg.v1_dirs
+    assert int((v1["memory"] / "memory.limit_in_bytes").read_text()) == L.SMALL.memory
+    assert int((v1["memory"] / "memory.memsw.limit_in_bytes").read_text()) == L.SMALL.memory
+    assert (v1["pids"] / "pids.max").read_text().strip() == str(L.SMALL.pids)
+    assert (v1["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+    assert cg.v2_dir is not None and (cg.v2_dir / "cgroup.kill").exists()
+    assert len(cg.v1_procs()) == len(v1) and all(p.endswith("/cgroup.procs") for p in cg.v1_procs())
+
+
+def test_fork_bomb_stops_at_pids_limit(made):
+    L.check_fork_bomb(made)
+
+
+def test_memory_bomb_is_oom_killed_and_reported(made):
+    L.check_memory_bomb(made)
+
+
+def test_cpu_spinner_gets_half_a_cpu(made):
+    L.check_cpu_quota(made)
+
+
+def test_double_fork_and_detach_is_killed_on_remove(made):
+    L.check_double_fork_killed(made)
+
+
+def test_freeze_stops_and_thaw_resumes(made):
+    L.check_freeze_thaw(made)
+
+
+@pytest.mark.parametrize("missing", ["pids", "memory", "cpu"])
+def test_policy_needing_a_missing_controller_is_refused(missing):
+    L.check_missing_controller_refused(cgroups.host_layout(), cgroups.V1HybridDriver, missing)
+
+
+def test_pure_v1_kill_uses_the_freezer(made):
+    """Without cgroup2 (pure v1) kill is freeze + SIGKILL + thaw until empty."""
+    layout = cgroups.host_layout()
+    v1_only = cgroups.Layout("v1", None, frozenset(), dict(layout.v1), 0)
+    made.driver = cgroups.V1HybridDriver(v1_only, parent=L.parent_name())
+    cg = made.create("purev1")
+    assert cg.v2_dir is None and "freezer" in cg.v1_dirs
+    made.start(cg, ["/bin/bash", "-c", L.FORK_BOMB])
+    cg.kill()
+    assert cg.pids() == []
+
+
+def test_reused_name_is_refused(made):
+    made.create("twice")
+    with pytest.raises(CgroupError, match="already exists"):
+        made.driver.create("twice", L.SMALL)
+
+
+def test_per_command_figures(made):
+    cg = made.create("percmd")
+    mark = cg.mark()
+    p = made.start(cg, L.python("x = bytearray(16 * 1024 * 1024)"))
+    p.wait(timeout=30)
+    fig = cg.since(mark)
+    assert fig["oom_kills"] == 0 and fig["pids_max_hits"] == 0
+    assert fig["memory_peak"] >= 16 * L.MiB and fig["cpu_seconds"] > 0
