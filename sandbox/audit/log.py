@@ -182,8 +182,10 @@ class AuditLog:
         self.batches = 0
         self.records = 0
         self._fd = -1
+        self._to_mirror: list[dict] = []   # sealed records, sent to journald once durable
         self._head_fd = os.open(self.dir / "HEAD", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._open_newest()
+        self._mirror_out()
         self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._writer.start()
 
@@ -361,6 +363,7 @@ class AuditLog:
         entry["prev"] = self._prev
         entry["hash"] = record_hash(entry)
         self._prev = entry["hash"]
+        self._to_mirror.append(entry)
         return canonical(entry) + b"\n"
 
     def _run(self) -> None:
@@ -377,6 +380,7 @@ class AuditLog:
                 err = AuditError(f"audit log write failed: {e}")
                 with self._cond:
                     self._failed = str(e)
+                    self._to_mirror = []
                     rest, self._queue = self._queue, []
                 for _, fut in batch + rest:
                     if not fut.done():
@@ -384,10 +388,13 @@ class AuditLog:
                 continue
             for entry, fut in batch:
                 fut.set_result(entry)
-            if self.mirror is not None:
-                for entry, _ in batch:
-                    if entry is not None:
-                        self.mirror.send(entry)
+            self._mirror_out()
+
+    def _mirror_out(self) -> None:
+        sent, self._to_mirror = self._to_mirror, []
+        if self.mirror is not None:
+            for entry in sent:
+                self.mirror.send(entry)
 
     def _write_batch(self, batch) -> None:
         lines: list[bytes] = []
@@ -402,6 +409,7 @@ class AuditLog:
                 # next file with its header, and chain the record after that header.
                 self._seq, self._prev = seq, prev
                 del entry["hash"]
+                self._to_mirror.pop()
                 self._commit(lines)
                 lines = self._start_file(self.current_file.name)
                 size = len(lines[0])
