@@ -359,6 +359,14 @@ class SandboxCgroup:
     def _reset_peak(self):
         pass
 
+    def _pids_figures(self, d: Path) -> dict:
+        """pids.current and pids.peak; where the kernel has no pids.peak (before 6.13 on
+        v2) the peak is the highest pids.current this handle has sampled."""
+        cur = _read_int(d / "pids.current")
+        self._pids_seen = max(getattr(self, "_pids_seen", 0), cur)
+        peak = _read_int(d / "pids.peak", default=-1)
+        return {"pids_current": cur, "pids_peak": peak if peak >= 0 else self._pids_seen}
+
     def reason(self, events: dict | None = None) -> tuple[str | None, str]:
         """(code, text) for what the limits did: code 'oom', 'pids' or None."""
         ev = self.events() if events is None else events
@@ -412,8 +420,7 @@ class V2Cgroup(SandboxCgroup):
         return {"cpu_seconds": cpu / 1e6,
                 "memory_current": _read_int(d / "memory.current"),
                 "memory_peak": _read_int(d / "memory.peak"),
-                "pids_current": _read_int(d / "pids.current"),
-                "pids_peak": _read_int(d / "pids.peak")}
+                **self._pids_figures(d)}
 
     def events(self) -> dict:
         mem = _read_keyed(self.v2_dir / "memory.events")
@@ -468,8 +475,7 @@ class V1Cgroup(SandboxCgroup):
         return {"cpu_seconds": self._cpu_seconds(),
                 "memory_current": _read_int(mem / "memory.usage_in_bytes"),
                 "memory_peak": peak,
-                "pids_current": _read_int(pids / "pids.current"),
-                "pids_peak": _read_int(pids / "pids.peak")}
+                **self._pids_figures(pids)}
 
     def sandbox_memory_peak(self) -> int:
         """Peak over the sandbox's life (mark() resets the per-command counter)."""

@@ -1,0 +1,337 @@
+"""The sandbox's disk: /tmp and the workspace on a loop-mounted ext4 image of the policy's size.
+
+Why a loop-mounted image (and not the alternatives):
+- a per-sandbox tmpfs is charged to the memory cgroup: a 10 GiB disk limit would need a
+  10 GiB memory limit, and writing files would OOM-kill the agent instead of giving ENOSPC;
+- project quotas need an ext4/xfs mounted with prjquota (and the `project` feature set by
+  tune2fs on an unmounted fs): not what an ordinary ext4 host has (this one has not);
+- an ext4 image of exactly `limits.disk` bytes is a hard bound the kernel enforces: the agent
+  gets ENOSPC from its own filesystem; nothing it does can grow the image past its size.
+
+The image is sparse, so it costs the host only what the agent writes. To make "the host disk
+is never filled" true even with many sandboxes, creation reserves: it refuses (fail closed)
+unless the image directory's free space covers every live image's unwritten remainder plus
+this one plus a headroom (`_check_room`, under a lock).
+
+Cost: mkfs.ext4 runs once per size into a template (no journal: the disk dies with the
+sandbox, crash consistency buys nothing; lazy inode tables); each sandbox copies only the
+template's data extents (SEEK_DATA/SEEK_HOLE + copy_file_range, a few MiB), attaches a loop
+device with LOOP_CTL_GET_FREE + LOOP_CONFIGURE (one ioctl, LO_FLAGS_AUTOCLEAR so the device
+detaches itself when the last mount of it goes) and mounts it nosuid,nodev.
+
+A host workspace directory (a caller's existing tree) cannot be bounded by this image
+without changing where the agent's writes land. `limits.host_workspace` decides:
+"refuse" (the default: fail closed) or "unbounded" (the operator accepts that writes to
+that one directory are bounded only by the host filesystem; /tmp stays bounded; the
+setup step's audit record says so).
+
+Teardown unmounts, waits (bounded) for the loop device to detach, deletes the image and
+verifies all three.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.errors import MountError, TeardownError, UnsupportedError
+
+DEFAULT_BASE = Path("/var/lib/sandboxd/disks")
+HEADROOM = 1024**3                       # free space always left to the host
+MKFS = "/usr/sbin/mkfs.ext4"
+# linux/loop.h
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LOOP_GET_STATUS64 = 0x4C05
+LO_FLAGS_AUTOCLEAR = 4
+_LOOP_INFO64 = "=QQQQQIIII64s64s32sQQ"  # struct loop_info64 (232 bytes)
+_LOOP_CONFIG = "=II" + _LOOP_INFO64[1:] + "8Q"   # struct loop_config (304 bytes)
+MS_NOSUID, MS_NODEV = 0x2, 0x4
+MNT_DETACH = 2
+_WAIT_STEPS, _WAIT_SLEEP = 400, 0.005
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _mount(src: str, dst: Path, fstype: str, flags: int, data: str = ""):
+    if _libc.mount(src.encode(), str(dst).encode(), fstype.encode(), flags,
+                   data.encode() or None) != 0:
+        e = ctypes.get_errno()
+        raise MountError(f"cannot mount {src} on {dst}", errno=e, syscall="mount")
+
+
+def _umount(dst: Path, flags: int = 0) -> int:
+    return 0 if _libc.umount2(str(dst).encode(), flags) == 0 else ctypes.get_errno()
+
+
+def is_mountpoint(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+# ---------------------------------------------------------------------------- templates
+
+def _template(base: Path, size: int) -> Path:
+    """An ext4 image of `size` bytes made once (atomically, so concurrent makers are safe)."""
+    tdir = base / "templates"
+    tdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = tdir / f"ext4-{size}.img"
+    if path.exists():
+        return path
+    tmp = tdir / f".ext4-{size}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)
+        r = subprocess.run([MKFS, "-q", "-F", "-m", "0", "-O", "^has_journal",
+                            "-E", "lazy_itable_init=1,nodiscard", "-L", "sbx-disk", str(tmp)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise MountError(f"mkfs.ext4 failed for a {size}-byte image: {r.stderr.strip()[:200]}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _sparse_copy(src: Path, dst: Path):
+    """Copy only src's data extents (SEEK_DATA/SEEK_HOLE); the holes stay holes."""
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        os.ftruncate(fo.fileno(), size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:        # no data after pos
+                    break
+                raise
+            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            off_in, left = start, end - start
+            while left > 0:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), left, off_in, off_in)
+                if n == 0:
+                    break
+                off_in += n
+                left -= n
+            pos = end
+
+
+# ---------------------------------------------------------------------------- room on the host
+
+def _unwritten(img: Path) -> int:
+    st = img.stat()
+    return max(0, st.st_size - st.st_blocks * 512)
+
+
+def _check_room(base: Path, size: int):
+    """Fail closed unless the host can hold every live image filled up, plus this one."""
+    st = os.statvfs(base)
+    free = st.f_bavail * st.f_frsize
+    committed = sum(_unwritten(p) for p in (base / "images").glob("*.img"))
+    if free < committed + size + HEADROOM:
+        raise UnsupportedError(
+            f"not enough host disk for a {size >> 20} MiB sandbox disk in {base}: "
+            f"{free >> 20} MiB free, {committed >> 20} MiB promised to live sandboxes, "
+            f"{HEADROOM >> 20} MiB kept for the host")
+
+
+# ---------------------------------------------------------------------------- loop devices
+
+def _loop_attach(image: Path) -> tuple[str, int]:
+    """Attach image to a free loop device with LOOP_CONFIGURE (Linux 5.8); retries when
+    another process takes the device between GET_FREE and CONFIGURE (EBUSY). Returns the
+    device and an open fd of it: with LO_FLAGS_AUTOCLEAR the device detaches at its last
+    close, so the caller keeps the fd until the mount holds the device (and a crash before
+    that leaves nothing attached)."""
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    img = os.open(image, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(16):
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            dev = f"/dev/loop{n}"
+            lfd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                name = str(image).encode()[:63]
+                cfg = struct.pack(_LOOP_CONFIG, img, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  LO_FLAGS_AUTOCLEAR, name, b"", b"", 0, 0, *([0] * 8))
+                fcntl.ioctl(lfd, LOOP_CONFIGURE, cfg)
+                return dev, lfd
+            except OSError as e:
+                os.close(lfd)
+                if e.errno != errno.EBUSY:
+                    raise MountError(f"cannot attach {image} to {dev}", errno=e.errno,
+                                     syscall="ioctl(LOOP_CONFIGURE)") from e
+        raise MountError(f"no free loop device for {image} after 16 tries")
+    finally:
+        os.close(img)
+        os.close(ctl)
+
+
+def _loop_backing(dev: str) -> str | None:
+    """The file a loop device is attached to, or None when it is free."""
+    name = Path("/sys/block") / Path(dev).name / "loop" / "backing_file"
+    try:
+        return name.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------- the disk
+
+@dataclass
+class SandboxDisk:
+    image: Path
+    mountpoint: Path
+    loopdev: str
+    size: int
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.mountpoint / "tmp"
+
+    @property
+    def workspace_dir(self) -> Path:
+        return self.mountpoint / "workspace"
+
+    def usage(self) -> dict:
+        st = os.statvfs(self.mountpoint)
+        return {"disk_used": (st.f_blocks - st.f_bfree) * st.f_frsize, "disk_limit": self.size}
+
+    def remove(self):
+        """Unmount, wait for the loop device to let go of the image, delete it, verify."""
+        left = []
+        if is_mountpoint(self.mountpoint):
+            err = _umount(self.mountpoint)
+            if err == errno.EBUSY:               # a host process still in it: detach lazily;
+                err = _umount(self.mountpoint, MNT_DETACH)   # the loop frees when it leaves
+            if err:
+                left.append(f"mount {self.mountpoint} ({os.strerror(err)})")
+        for _ in range(_WAIT_STEPS):
+            if _loop_backing(self.loopdev) != str(self.image):
+                break
+            time.sleep(_WAIT_SLEEP)
+        else:
+            # Still attached: a mount namespace that has not been freed yet holds it. AUTOCLEAR
+            # detaches it when that goes; the unlinked image's blocks are freed then.
+            left.append(f"loop device {self.loopdev} still attached to {self.image}")
+        self.image.unlink(missing_ok=True)
+        try:
+            self.mountpoint.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            left.append(f"{self.mountpoint} ({e.strerror})")
+        if self.image.exists():
+            left.append(str(self.image))
+        if left:
+            raise TeardownError("sandbox disk not fully removed", leftovers=left)
+
+
+def create(name: str, size: int, *, base: Path = DEFAULT_BASE, owner: tuple[int, int] = (0, 0),
+           intent=None) -> SandboxDisk:
+    """Make, attach and mount a `size`-byte ext4 disk for sandbox `name`, with tmp/ (1777)
+    and workspace/ (owned by `owner`, the sandbox's host uid/gid) inside."""
+    if "/" in name or name in ("", ".", ".."):
+        raise MountError(f"not a valid disk name: {name!r}")
+    base = Path(base)
+    (base / "images").mkdir(parents=True, exist_ok=True, mode=0o700)
+    (base / "mnt").mkdir(parents=True, exist_ok=True, mode=0o700)
+    image, mnt = base / "images" / f"{name}.img", base / "mnt" / name
+    template = _template(base, size)
+    with open(base / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)        # room check and copy are one step
+        _check_room(base, size)
+        if intent is not None:
+            intent.add("disk", image=str(image), mountpoint=str(mnt), loopdev="")
+        _sparse_copy(template, image)
+    disk = SandboxDisk(image, mnt, "", size)
+    try:
+        disk.loopdev, lfd = _loop_attach(image)
+        try:
+            mnt.mkdir(mode=0o700)
+            _mount(disk.loopdev, mnt, "ext4", MS_NOSUID | MS_NODEV)
+        finally:
+            os.close(lfd)
+        (mnt / "lost+found").rmdir()
+        os.chmod(mnt, 0o755)
+        (mnt / "tmp").mkdir(mode=0o1777)
+        os.chmod(mnt / "tmp", 0o1777)               # mkdir's mode is cut by the umask
+        (mnt / "workspace").mkdir(mode=0o755)
+        os.chown(mnt / "workspace", *owner)
+    except BaseException:
+        try:
+            disk.remove()
+        except TeardownError:
+            pass
+        raise
+    return disk
+
+
+def cleanup(fields: dict):
+    """Crash recovery for an intent record {kind: disk, image, mountpoint, loopdev}. Idempotent."""
+    SandboxDisk(Path(fields["image"]), Path(fields["mountpoint"]), fields.get("loopdev") or "",
+                0).remove()
+
+
+def make_step(ctx):
+    """The 'disk' step: a bounded disk for /tmp and a daemon-made workspace (ctx.disk).
+    With limits.disk = 0 there is no disk (the step does nothing). The engine binds
+    ctx.disk.tmp_dir as /tmp and, when it was given no host workspace, ctx.disk.workspace_dir
+    as the workspace. `ctx.disk_base` (tests) overrides where images live; `ctx.disk_owner`
+    is the (uid, gid) on the host that owns workspace/."""
+    from sandbox.runtime.lifecycle import Step
+
+    limits = ctx.policy.limits
+
+    def do():
+        ctx.disk = None
+        if not limits.disk:
+            return None
+        check_host_workspace(limits, getattr(ctx, "workspace", None))
+        disk = create(ctx.id, limits.disk, base=Path(getattr(ctx, "disk_base", None) or DEFAULT_BASE),
+                      owner=getattr(ctx, "disk_owner", None) or (0, 0),
+                      intent=getattr(ctx, "intent", None))
+        ctx.disk = disk
+        return disk
+
+    def undo(disk):
+        if disk is not None:
+            disk.remove()
+
+    return Step("disk", do, undo, describe="bounded disk for /tmp and the workspace")
+
+
+def check_host_workspace(limits, workspace):
+    """A caller's host directory is not on the bounded image: refuse unless the policy says
+    the operator accepts it (limits.host_workspace = "unbounded")."""
+    if workspace is None:
+        return
+    mode = getattr(limits, "host_workspace", "refuse")
+    if mode != "unbounded":
+        raise UnsupportedError(
+            f"the disk limit ({limits.disk >> 20} MiB) cannot bound a host workspace directory; "
+            "use a daemon-made workspace, or set limits.host_workspace = \"unbounded\" to accept "
+            "that writes to that directory are bounded only by the host filesystem")
+
+
+def probe(base: Path = DEFAULT_BASE) -> dict:
+    """For `sandboxctl doctor`: can this host make bounded sandbox disks?"""
+    out = {"mechanism": "ext4 image on a loop device", "loop_control": Path("/dev/loop-control").exists(),
+           "mkfs_ext4": Path(MKFS).exists(), "image_dir": str(base)}
+    probe_dir = base if base.exists() else base.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    st = os.statvfs(probe_dir)
+    out["image_dir_free_bytes"] = st.f_bavail * st.f_frsize
+    out["enforceable"] = out["loop_control"] and out["mkfs_ext4"]
+    return out

@@ -1,0 +1,100 @@
+"""The sandbox disk (sandbox/kernel/disk.py) on the real kernel: an ext4 image on a loop
+device bounds what can be written; teardown leaves no mount, loop device or image."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import UnsupportedError
+from sandbox.kernel import disk
+from tests.helpers.limits import SMALL, MiB
+
+FILLER = "dd if=/dev/zero of={path} bs=1M count=1000 2>&1; echo rc=$?"
+
+
+@pytest.fixture
+def base():
+    b = Path(f"/var/tmp/sbxt-{os.getpid()}-disk")
+    try:
+        yield b
+    finally:
+        mnt = b / "mnt"
+        left = [p for p in mnt.iterdir()] if mnt.exists() else []
+        for p in left:
+            if disk.is_mountpoint(p):
+                disk._umount(p, disk.MNT_DETACH)
+        shutil.rmtree(b, ignore_errors=True)
+        assert not left, f"a test left disks mounted: {left}"
+
+
+def _gone(d: disk.SandboxDisk):
+    assert not d.image.exists() and not d.mountpoint.exists()
+    assert not disk.is_mountpoint(d.mountpoint)
+    assert disk._loop_backing(d.loopdev) != str(d.image)
+
+
+def test_disk_filler_gets_enospc_at_the_limit(base):
+    d = disk.create("filler", SMALL.disk, base=base)
+    try:
+        for target in (d.tmp_dir, d.workspace_dir):
+            out = subprocess.run(["/bin/sh", "-c", FILLER.format(path=target / "fill")],
+                                 capture_output=True, text=True, timeout=60).stdout
+            assert "No space left on device" in out and "rc=1" in out
+            written = (target / "fill").stat().st_size
+            assert written <= SMALL.disk
+            (target / "fill").unlink()
+        # The host holds at most the image's size, whatever was written inside.
+        assert d.image.stat().st_blocks * 512 <= SMALL.disk
+    finally:
+        d.remove()
+    _gone(d)
+
+
+def test_layout_inside_the_disk(base):
+    d = disk.create("layout", SMALL.disk, base=base, owner=(1234, 1235))
+    try:
+        assert sorted(p.name for p in d.mountpoint.iterdir()) == ["tmp", "workspace"]
+        assert d.tmp_dir.stat().st_mode & 0o7777 == 0o1777
+        st = d.workspace_dir.stat()
+        assert (st.st_uid, st.st_gid) == (1234, 1235)
+        opts = [l.split()[5] for l in open("/proc/self/mountinfo") if l.split()[4] == str(d.mountpoint)]
+        assert opts and "nosuid" in opts[0] and "nodev" in opts[0]
+    finally:
+        d.remove()
+    _gone(d)
+
+
+def test_no_room_on_the_host_is_refused(base, monkeypatch):
+    monkeypatch.setattr(disk, "HEADROOM", 1024**5)     # more than any host has
+    with pytest.raises(UnsupportedError, match="not enough host disk"):
+        disk.create("noroom", SMALL.disk, base=base)
+    assert list((base / "images").iterdir()) == []
+
+
+def test_host_workspace_is_refused_unless_the_policy_accepts_it(tmp_path):
+    with pytest.raises(UnsupportedError, match="host_workspace"):
+        disk.check_host_workspace(SMALL, tmp_path)
+    disk.check_host_workspace(SMALL, None)
+
+
+def test_cleanup_after_a_crash_is_idempotent(base):
+    d = disk.create("crash", SMALL.disk, base=base)
+    fields = {"image": str(d.image), "mountpoint": str(d.mountpoint), "loopdev": d.loopdev}
+    disk.cleanup(fields)
+    disk.cleanup(fields)
+    _gone(d)
+
+
+def test_remove_while_a_host_process_holds_a_file(base):
+    """An open file (e.g. a straggler) must not make teardown leave the image behind."""
+    d = disk.create("busy", 16 * MiB, base=base)
+    f = open(d.tmp_dir / "held", "w")
+    try:
+        with pytest.raises(Exception, match="loop device"):
+            d.remove()                 # lazily detached, loop still busy: reported, not hidden
+    finally:
+        f.close()
+    disk.cleanup({"image": str(d.image), "mountpoint": str(d.mountpoint), "loopdev": d.loopdev})
+    _gone(d)
