@@ -111,6 +111,9 @@ class LimitsPolicy:
     nofile: int = _f(1024, "RLIMIT_NOFILE for every process")
     core: int = _f(0, "RLIMIT_CORE (0: no core dumps, which could hold secrets)", parse_size)
     fsize: int = _f(0, "RLIMIT_FSIZE per file; 0 = no per-file limit", parse_size)
+    host_workspace: str = _f("refuse", "a caller's host workspace directory cannot be bounded by the "
+                                       "disk limit: 'refuse' it (fail closed) or accept it as "
+                                       "'unbounded' (only /tmp and daemon-made workspaces are bounded)")
 
     def check(self):
         if not 0 <= self.cpus <= 1024:
@@ -123,6 +126,8 @@ class LimitsPolicy:
             raise ValueError(f"nofile: must be between 16 and 1048576, got {self.nofile}")
         if self.disk and self.disk < 16 * 1024**2:
             raise ValueError("disk: must be 0 (no limit) or at least 16 MiB")
+        if self.host_workspace not in ("refuse", "unbounded"):
+            raise ValueError(f"host_workspace: must be 'refuse' or 'unbounded', got {self.host_workspace!r}")
 
 
 @dataclass(frozen=True)
