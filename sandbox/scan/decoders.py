@@ -1,0 +1,138 @@
+"""Encoded forms: find candidate runs of base64, hex and percent-encoding and decode them.
+
+The trick that keeps this cheap and precise: we only care about encodings of TEXT (a secret,
+an e-mail, a connection string are text), and encoded text has structure. Base64 of bytes in
+{TAB, LF, CR, 0x20-0x7E} has a restricted alphabet in the first three characters of every
+4-character quad (derived below from the bit layout of RFC 4648 section 4); hex of such bytes
+has a high nibble of 2-7 (or 0 followed by 9/a/d). The hyperscan trigger looks for a few of
+those quads/pairs in a row, so git SHAs, sha256 digests, UUIDs and `sha512-...` integrity
+hashes (encodings of random bytes) rarely trigger at all, and when one does, decoding shows
+non-text and it costs a few microseconds.
+
+A decoder returns (start, end, decoded) with start/end the encoded text's offsets in the
+buffer; the engine rescans `decoded` with the same rules (bounded depth) and reports any
+finding at the encoded span.
+"""
+from __future__ import annotations
+
+import binascii
+import re
+from urllib.parse import unquote_to_bytes
+
+_B64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+_B64URL = b"-_"
+TEXT_BYTES = bytes([9, 10, 13]) + bytes(range(0x20, 0x7F))
+_NON_TEXT_DELETE = TEXT_BYTES            # bytes.translate(None, TEXT_BYTES) keeps non-text only
+
+
+def _quad_index_sets():
+    """Which base64 indices can appear at positions 0..2 of a quad encoding three text bytes."""
+    c0 = {b >> 2 for b in TEXT_BYTES}
+    c1 = {((a & 3) << 4) | (b >> 4) for a in TEXT_BYTES for b in TEXT_BYTES}
+    c2 = {((b & 15) << 2) | (c >> 6) for b in TEXT_BYTES for c in TEXT_BYTES}
+    return c0, c1, c2, set(range(64))
+
+
+def _char_class(indices) -> str:
+    chars = set()
+    for i in indices:
+        chars.add(chr(_B64[i]))
+        if i >= 62:
+            chars.add(chr(_B64URL[i - 62]))
+    return "[" + "".join(re.escape(c) if c in "-/+" else c for c in sorted(chars)) + "]"
+
+
+_QUAD = "".join(_char_class(s) for s in _quad_index_sets())
+
+
+def base64_trigger(min_len: int) -> tuple[str, int]:
+    """(hyperscan expression, fixed length) matching ceil(min_len/3) text quads in a row."""
+    quads = max(3, -(-min_len // 3))
+    return f"(?:{_QUAD}){{{quads}}}", quads * 4
+
+
+def hex_trigger(min_len: int) -> tuple[str, int]:
+    pairs = max(8, min_len)
+    return f"(?:[2-7][0-9a-fA-F]|0[9aAdD]){{{pairs}}}", pairs * 2
+
+
+def percent_trigger(min_len: int) -> tuple[str, int]:
+    # two escapes close together: one stray %20 in a URL is not worth a decode
+    return r"%[0-9A-Fa-f]{2}[^\s%]{0,24}%[0-9A-Fa-f]{2}", 0
+
+
+TRIGGERS = {"base64": base64_trigger, "hex": hex_trigger, "percent": percent_trigger}
+
+_RUNS = {
+    "base64": re.compile(rb"[A-Za-z0-9+/_-]+=*"),
+    "hex": re.compile(rb"[0-9a-fA-F]+"),
+    "percent": re.compile(rb"[^\s\"'<>`]+"),
+}
+_URL_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
+def _run_around(kind: str, buf: bytes, lo: int, hi: int, max_len: int):
+    """The maximal run of the decoder's alphabet that contains buf[lo:hi], clipped to max_len."""
+    rx = _RUNS[kind]
+    for m in rx.finditer(buf, max(0, lo - max_len), min(len(buf), hi + max_len)):
+        if m.start() <= lo and m.end() >= hi:
+            return m.start(), m.end()
+    return None
+
+
+def is_text(data: bytes, ratio: float = 0.9) -> bool:
+    return bool(data) and len(data.translate(None, _NON_TEXT_DELETE)) <= len(data) * (1 - ratio)
+
+
+def decode_base64(buf: bytes, to: int, trig_len: int, max_len: int):
+    lo = to - trig_len
+    run = _run_around("base64", buf, lo, to, max_len)
+    if run is None:
+        return None
+    rs, re_ = run
+    while re_ > rs and buf[re_ - 1] == 0x3D:      # '=' padding is not part of the alphabet
+        re_ -= 1
+    start = rs + (lo - rs) % 4 if lo - rs < max_len // 2 else lo    # same quad alignment
+    end = min(re_, start + max_len)
+    body = buf[start:end].translate(_URL_TO_STD)
+    body = body[: len(body) - len(body) % 4] + _pad_tail(body)
+    try:
+        decoded = binascii.a2b_base64(body)
+    except binascii.Error:
+        return None
+    pad = 0
+    while end + pad < len(buf) and buf[end + pad] == 0x3D and pad < 2:
+        pad += 1
+    return start, end + pad, decoded
+
+
+def _pad_tail(body: bytes) -> bytes:
+    rest = len(body) % 4
+    return body[len(body) - rest:] + b"=" * (4 - rest) if rest >= 2 else b""
+
+
+def decode_hex(buf: bytes, to: int, trig_len: int, max_len: int):
+    lo = to - trig_len
+    run = _run_around("hex", buf, lo, to, max_len)
+    if run is None:
+        return None
+    rs, re_ = run
+    start = rs + (lo - rs) % 2 if lo - rs < max_len // 2 else lo
+    end = min(re_, start + max_len)
+    end -= (end - start) % 2
+    try:
+        return start, end, bytes.fromhex(buf[start:end].decode("ascii"))
+    except ValueError:
+        return None
+
+
+def decode_percent(buf: bytes, to: int, trig_len: int, max_len: int):
+    run = _run_around("percent", buf, to - 1, to, max_len)
+    if run is None:
+        return None
+    start, end = run
+    end = min(end, start + max_len)
+    return start, end, unquote_to_bytes(buf[start:end])
+
+
+DECODE = {"base64": decode_base64, "hex": decode_hex, "percent": decode_percent}

@@ -1,0 +1,354 @@
+"""The scanning engine: one hyperscan block-mode database for every rule, Python re to confirm.
+
+Why this shape (and not hyperscan streaming mode or start-of-match offsets):
+- hyperscan only TRIGGERS: each rule contributes a fast expression (its `hs` field, its
+  keywords as literals, or its pattern) compiled without SOM (leftmost start tracking costs
+  speed and rejects some patterns). The callback only appends (id, end offset).
+- Python `re` then CONFIRMS the rule's full pattern in a window of max_len bytes around each
+  trigger, extracts the value (group "secret"), and runs the entropy floor, placeholder
+  filter and validators. Benign build logs produce few triggers, so almost all bytes are
+  touched only by hyperscan's SIMD code.
+- Streaming is block mode over (a little released context) + (held-back tail) + (new chunk).
+  To redact before release we must hold back anything that might still become part of a
+  match, so the tail is `window` bytes = the longest max_len of any rule (+ slack). That
+  costs `window` bytes of memory and of latency per stream (bytes are released once `window`
+  more bytes have arrived, or at finish()), and re-scanning the tail on the next feed:
+  negligible for 64 KiB pipe reads, quadratic-looking only when fed tiny pieces (then we
+  skip scanning until enough bytes are buffered to release something).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import hyperscan
+
+from sandbox.errors import ScanError
+from sandbox.scan.decoders import DECODE, TRIGGERS, TEXT_BYTES, is_text
+from sandbox.scan.findings import ACTION_RANK, Finding, ScanResult, masked_preview, salted_hash
+from sandbox.scan.rules import Rule, load_rules, rules_hash
+from sandbox.scan.validators import VALIDATORS, is_placeholder, shannon_entropy
+
+# Control bytes that do not occur in text output (TAB, LF, VT, FF, CR and ESC for colours do).
+BINARY_TRIGGER = r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]"
+BINARY_WINDOW = 1024          # bytes examined around a control byte
+BINARY_RATIO = 0.10           # non-text share of a window above which it is binary
+CONTEXT = 64                  # released bytes kept before the tail for lookbehinds
+SLACK = 16                    # lookaround margin added to windows
+MAX_DEPTH = 2                 # decode-and-rescan nesting (base64 of hex of a secret)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("SANDBOXD_SCAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sandboxd")
+    return Path(base)
+
+
+class _Trigger:
+    """What one hyperscan id stands for: a rule and the fixed trigger length (0 if variable)."""
+    __slots__ = ("rule", "index", "trig_len")
+
+    def __init__(self, rule, index, trig_len=0):
+        self.rule, self.index, self.trig_len = rule, index, trig_len
+
+
+def _expressions(rules):
+    """(expression bytes, hyperscan flags, _Trigger) for each trigger of each rule."""
+    out = []
+    for index, rule in enumerate(rules):
+        if rule.kind == "encoded":
+            expr, trig_len = TRIGGERS[rule.decoder](rule.min_len)
+            out.append((expr, 0, _Trigger(rule, index, trig_len)))
+        elif rule.kind == "binary":
+            out.append((rule.hs or BINARY_TRIGGER, hyperscan.HS_FLAG_SINGLEMATCH, _Trigger(rule, index)))
+        elif rule.kind in ("secret", "pii"):
+            flags = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
+            if rule.hs:
+                out.append((rule.hs, flags, _Trigger(rule, index)))
+            elif rule.keywords:
+                for kw in rule.keywords:
+                    lit = "".join("\\x%02x" % b for b in kw.encode())
+                    out.append((lit, hyperscan.HS_FLAG_CASELESS, _Trigger(rule, index)))
+            else:
+                out.append((rule.pattern, flags, _Trigger(rule, index)))
+    return out
+
+
+def _compile(exprs, key: str, use_cache: bool):
+    """Compile (or load from the on-disk cache keyed by the rules hash) the block database."""
+    path = _cache_dir() / f"scan-{key[:32]}-hs{hyperscan.__version__}.db"
+    if use_cache:
+        try:
+            st = path.stat()
+            if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
+                return hyperscan.loadb(path.read_bytes(), hyperscan.HS_MODE_BLOCK)
+        except (OSError, hyperscan.error):
+            pass                      # missing or unusable cache: compile
+    db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+    try:
+        db.compile(expressions=[e.encode() for e, _, _ in exprs], ids=list(range(len(exprs))),
+                   elements=len(exprs), flags=[f for _, f, _ in exprs])
+    except hyperscan.error as e:
+        # name the rule: hyperscan's message says "Expression N" with the index
+        raise ScanError(f"scanner rules do not compile for hyperscan: {e} "
+                        f"(expressions: {', '.join(t.rule.id for _, _, t in exprs)})") from None
+    if use_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(hyperscan.dumpb(db))
+            os.replace(tmp, path)
+        except OSError:
+            pass                      # a read-only home only costs compile time
+    return db
+
+
+class Scanner:
+    """A compiled rule set. Thread-compatible: one stream per output, one scanner per thread."""
+
+    def __init__(self, rules: list[Rule], *, expected_output: int | None = None,
+                 binary: str | None = None, max_depth: int = MAX_DEPTH, cache: bool = True):
+        if binary not in (None, "block", "flag", "allow"):
+            raise ScanError(f"binary must be block, flag or allow, got {binary!r}")
+        rules = [self._with_binary_action(r, binary) for r in rules]
+        self.rules = [r for r in rules if r is not None]
+        if not any(r.kind in ("secret", "pii") for r in self.rules):
+            raise ScanError("a scanner needs at least one secret or pii rule")
+        self.expected_output = expected_output
+        self.max_depth = max_depth
+        self.volume_rule = next((r for r in self.rules if r.kind == "volume"),
+                                Rule(id="volume", kind="volume", severity="medium", action="flag"))
+        exprs = _expressions(self.rules)
+        self._triggers = [t for _, _, t in exprs]
+        self._db = _compile(exprs, rules_hash(self.rules), cache)
+        self._scratch = hyperscan.Scratch(self._db)
+        self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
+
+    @staticmethod
+    def _with_binary_action(rule: Rule, binary):
+        if rule.kind != "binary" or binary is None:
+            return rule
+        if binary == "allow":
+            return None
+        return Rule(**{**rule.__dict__, "action": binary})
+
+    @classmethod
+    def from_policy(cls, scanner_policy, **kw) -> "Scanner":
+        """From a ScannerPolicy (policy.scanner): its rule files, expected_output and binary."""
+        return cls(load_rules(scanner_policy.rules), expected_output=scanner_policy.expected_output,
+                   binary=scanner_policy.binary, **kw)
+
+    def stream(self, salt: bytes = b"") -> "ScanStream":
+        return ScanStream(self, salt)
+
+    def scan(self, data: bytes, salt: bytes = b"") -> ScanResult:
+        """Scan one complete buffer (feed + finish)."""
+        s = self.stream(salt)
+        first = s.feed(data)
+        last = s.finish()
+        return ScanResult(first.released + last.released, first.findings + last.findings,
+                          s.blocked)
+
+    # -- the block scan -------------------------------------------------------------------
+
+    def _hits(self, buf: bytes) -> dict:
+        hits: dict = {}
+
+        def on(i, _frm, to, _flags, _ctx):
+            hits.setdefault(i, []).append(to)
+
+        self._db.scan(buf, match_event_handler=on, scratch=self._scratch)
+        return hits
+
+    def find(self, buf: bytes, depth: int = 0, detect_binary: bool = True) -> list:
+        """Confirmed findings in one buffer: list of (start, end, rule, value, encoding)."""
+        hits = self._hits(buf)
+        if not hits:
+            return []
+        by_rule: dict = {}
+        for i, ends in hits.items():
+            by_rule.setdefault(self._triggers[i].index, []).append((self._triggers[i], ends))
+        found = []
+        for index in sorted(by_rule):
+            for trig, ends in by_rule[index]:
+                rule = trig.rule
+                if rule.kind == "encoded":
+                    if depth < self.max_depth:
+                        found += self._decoded(buf, trig, ends, depth)
+                elif rule.kind == "binary":
+                    if detect_binary:
+                        found += _binary(buf, ends[0], rule)
+                else:
+                    found += _confirm(buf, rule, ends)
+        return _resolve(found)
+
+    def _decoded(self, buf, trig, ends, depth):
+        out, done = [], -1
+        rule = trig.rule
+        for to in sorted(ends):
+            if to <= done:
+                continue
+            cand = DECODE[rule.decoder](buf, to, trig.trig_len, rule.max_len)
+            if cand is None:
+                continue
+            start, end, decoded = cand
+            done = end
+            if len(decoded) < rule.min_len or not is_text(decoded, 0.8) or decoded == buf[start:end]:
+                continue
+            for _s, _e, inner, value, enc in self.find(decoded, depth + 1, detect_binary=False):
+                out.append((start, end, inner, value, (rule.decoder,) + enc))
+        return out
+
+
+def _confirm(buf: bytes, rule: Rule, ends: list) -> list:
+    """Run the rule's regex in merged windows around the trigger ends; keep validated values."""
+    rx = rule.regex
+    has_group = "secret" in rx.groupindex
+    windows = []
+    for to in sorted(ends):
+        lo, hi = max(0, to - rule.max_len - SLACK), min(len(buf), to + rule.max_len + SLACK)
+        if windows and lo <= windows[-1][1]:
+            windows[-1][1] = hi
+        else:
+            windows.append([lo, hi])
+    out = []
+    for lo, hi in windows:
+        for m in rx.finditer(buf, lo, hi):
+            span = m.span("secret") if has_group else m.span()
+            if span[0] < 0:
+                continue
+            value = buf[span[0]:span[1]]
+            if _valid(rule, value, m.group()):
+                out.append((span[0], span[1], rule, value, ()))
+    return out
+
+
+def _valid(rule: Rule, value: bytes, match: bytes) -> bool:
+    if rule.entropy and shannon_entropy(value) < rule.entropy:
+        return False
+    if rule.placeholders and is_placeholder(value):
+        return False
+    return all(VALIDATORS[v](value, match) for v in rule.validators)
+
+
+def _binary(buf: bytes, first: int, rule: Rule) -> list:
+    """A control byte was seen at `first`: binary if a NUL follows or a window is mostly non-text."""
+    nul = buf.find(b"\x00", max(0, first - 1))
+    if nul >= 0:
+        return [(nul, nul + 1, rule, b"\x00", ())]
+    for lo in range(max(0, first - 1), len(buf), BINARY_WINDOW):
+        window = buf[lo:lo + BINARY_WINDOW]
+        if len(window.translate(None, TEXT_BYTES)) > len(window) * BINARY_RATIO:
+            return [(lo, lo + 1, rule, b"", ())]
+    return []
+
+
+def _resolve(found: list) -> list:
+    """Drop duplicates and findings inside a stronger one (the same token matched by a
+    specific rule and the generic assignment rule is reported once, by the stronger/earlier)."""
+    if len(found) < 2:
+        return found
+    uniq: dict = {}
+    for f in found:                       # found is in rule order: earlier rules win ties
+        uniq.setdefault((f[0], f[1], f[2].id), f)
+    found = sorted(uniq.values(), key=lambda f: (-ACTION_RANK[f[2].action], f[0] - f[1]))
+    kept = []
+    for f in found:
+        if not any(k[0] <= f[0] and f[1] <= k[1] for k in kept):
+            kept.append(f)
+    return sorted(kept, key=lambda f: (f[0], f[1]))
+
+
+class ScanStream:
+    """One output stream (stdout, stderr, a file). feed() chunks of any size, then finish()."""
+
+    def __init__(self, scanner: Scanner, salt: bytes):
+        self.scanner = scanner
+        self.salt = bytes(salt)
+        self.blocked = False
+        self.total = 0              # bytes fed
+        self._ctx = b""             # last released bytes (lookbehind context only)
+        self._tail = b""            # held back, not yet released
+        self._tail_at = 0           # stream offset of _tail[0]
+        self._binary_seen = False
+        self._volume_seen = False
+        self._finished = False
+
+    def feed(self, chunk: bytes) -> ScanResult:
+        if self._finished:
+            raise ScanError("feed() after finish() on a scan stream")
+        self.total += len(chunk)
+        extra = self._volume()
+        if len(self._tail) + len(chunk) <= self.scanner.window:
+            self._tail += chunk     # nothing can be released yet: do not scan at all
+            return self._result(b"", extra)
+        return self._scan(self._tail + chunk, final=False, extra=extra)
+
+    def finish(self) -> ScanResult:
+        """Scan and release the held-back tail. The stream is done afterwards."""
+        if self._finished:
+            return ScanResult(b"", [], self.blocked)
+        self._finished = True
+        return self._scan(self._tail, final=True, extra=[])
+
+    def _volume(self) -> list:
+        limit = self.scanner.expected_output
+        if limit is None or self._volume_seen or self.total <= limit:
+            return []
+        self._volume_seen = True
+        r = self.scanner.volume_rule
+        return [Finding(r.id, r.kind, r.severity, r.action, limit, self.total,
+                        preview=f"{self.total} bytes > {limit}")]
+
+    def _scan(self, data: bytes, final: bool, extra: list) -> ScanResult:
+        ctx = self._ctx
+        buf = ctx + data
+        base = self._tail_at - len(ctx)
+        found = self.scanner.find(buf, detect_binary=not self._binary_seen)
+        found = [f for f in found if f[0] >= len(ctx)]
+        cut = len(buf) if final else len(buf) - self.scanner.window
+        moved = True
+        while moved:                 # never release part of a match
+            moved = False
+            for s, e, *_ in found:
+                if s < cut < e:
+                    cut, moved = s, True
+        cut = max(cut, len(ctx))
+        now = [f for f in found if f[1] <= cut]
+        findings = extra + [self._finding(f, base) for f in now]
+        if any(f.kind == "binary" for f in findings):
+            self._binary_seen = True
+        if any(f.blocks for f in findings):
+            self.blocked = True
+        released = b"" if self.blocked else _redact(buf, len(ctx), cut, now)
+        self._ctx = buf[max(0, cut - CONTEXT):cut]
+        self._tail = buf[cut:]
+        self._tail_at = base + cut
+        return self._result(released, findings)
+
+    def _result(self, released, findings) -> ScanResult:
+        if any(f.blocks for f in findings):
+            self.blocked = True
+        return ScanResult(b"" if self.blocked else released, findings, self.blocked)
+
+    def _finding(self, f, base) -> Finding:
+        start, end, rule, value, enc = f
+        return Finding(rule.id, rule.kind, rule.severity, rule.action, base + start, base + end,
+                       salted_hash(self.salt, value), masked_preview(value), enc)
+
+
+def _redact(buf: bytes, lo: int, hi: int, found: list) -> bytes:
+    spans = sorted((s, e, r.id) for s, e, r, _, _ in found if r.action == "redact")
+    if not spans:
+        return buf[lo:hi]
+    out, pos = [], lo
+    for s, e, rid in spans:
+        if e <= pos:
+            continue
+        out.append(buf[pos:max(pos, s)])
+        out.append(b"[REDACTED:" + rid.encode() + b"]")
+        pos = e
+    out.append(buf[pos:hi])
+    return b"".join(out)
