@@ -1,0 +1,201 @@
+"""The seccomp supervisor: answers the sandbox's user notifications and audits them.
+
+The filter (sandbox/kernel/seccomp.py) sends every attempt of a deny-listed syscall, and
+every foreign-architecture syscall, to SECCOMP_RET_USER_NOTIF. The C command child installs
+it with SECCOMP_FILTER_FLAG_NEW_LISTENER and passes the listener fd to the parent, which
+hands it to `SeccompSupervisor.watch(fd)`. For each notification the supervisor
+
+- answers EPERM (never SECCOMP_USER_NOTIF_FLAG_CONTINUE: the agent could change the
+  arguments in memory between our look and the kernel's, seccomp_unotify(2) "Caveats"),
+- writes one audit record: sandbox, pid, syscall name, the arguments that matter, time,
+- and, past `probe_threshold` denials, one "escalation" record of kind "boundary_probing".
+
+It never blocks the event loop: the listener is watched with loop.add_reader, and the
+receive ioctl only runs when poll(2) says a notification is waiting (SECCOMP_IOCTL_NOTIF_RECV
+would otherwise sleep). If the target dies between poll and receive or before our answer,
+the ioctls fail with ENOENT and we carry on. If the supervisor dies or closes the listener,
+the kernel fails the notifying syscalls with ENOSYS: they stay refused (seccomp_unotify(2)).
+
+We never read the target's memory or /proc entries, only the registers the kernel copied
+into the notification, so there is no pid-reuse race for SECCOMP_IOCTL_NOTIF_ID_VALID to
+close; the pid recorded is the one the kernel translated into our pid namespace at receive.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import select
+import struct
+import time
+
+from sandbox.audit.sink import NULL_SINK, AuditSink
+from sandbox.kernel import seccomp
+
+# include/uapi/linux/seccomp.h
+# struct seccomp_notif { u64 id; u32 pid; u32 flags; struct seccomp_data data; }  (80 bytes)
+NOTIF = struct.Struct("=QIIiIQ6Q")
+# struct seccomp_notif_resp { u64 id; s64 val; s32 error; u32 flags; }  (24 bytes)
+NOTIF_RESP = struct.Struct("=QqiI")
+
+
+def _iowr(nr: int, size: int) -> int:
+    # _IOWR(SECCOMP_IOC_MAGIC '!', nr, size): dir=3 (read|write) << 30 | size << 16 | '!' << 8 | nr
+    return (3 << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+SECCOMP_IOCTL_NOTIF_RECV = _iowr(0, NOTIF.size)
+SECCOMP_IOCTL_NOTIF_SEND = _iowr(1, NOTIF_RESP.size)
+
+# Notifications handled per wake-up before yielding back to the loop (bounds one callback).
+BATCH = 32
+
+
+def decode(buf: bytes) -> dict:
+    """A received struct seccomp_notif as a dict (id, pid, flags, nr, arch, ip, args)."""
+    nid, pid, flags, nr, arch, ip, *args = NOTIF.unpack(buf)
+    return {"id": nid, "pid": pid, "flags": flags, "nr": nr, "arch": arch, "ip": ip, "args": args}
+
+
+def deny_response(notif_id: int, err: int = errno.EPERM) -> bytes:
+    """The answer to a notification: fail the syscall with -err. flags is always 0: never
+    SECCOMP_USER_NOTIF_FLAG_CONTINUE."""
+    return NOTIF_RESP.pack(notif_id, 0, -err, 0)
+
+
+def describe(notif: dict) -> dict:
+    """What an audit record says about a notification: names and numbers only."""
+    name = seccomp.syscall_name(notif["nr"], notif["arch"])
+    details = {"pid": notif["pid"], "syscall": name, "nr": notif["nr"],
+               "arch": _ARCH_NAMES.get(notif["arch"], f"{notif['arch']:#x}")}
+    if notif["arch"] == seccomp.AUDIT_ARCH_X86_64:
+        args = {label: notif["args"][i] for label, i in seccomp.REPORT_ARGS.get(name, ())}
+        if name in ("socket", "socketpair"):
+            args["family_name"] = seccomp.family_name(args["family"])
+        if args:
+            details["args"] = args
+    else:
+        details["args"] = {"raw": list(notif["args"])}
+    return details
+
+
+_ARCH_NAMES = {seccomp.AUDIT_ARCH_X86_64: "x86_64", seccomp.AUDIT_ARCH_I386: "i386"}
+
+
+class SeccompSupervisor:
+    """Watches the listener fds of one sandbox's commands on an asyncio loop."""
+
+    def __init__(self, sandbox_id: str, *, audit: AuditSink = NULL_SINK, probe_threshold: int = 10,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.sandbox_id = sandbox_id
+        self.audit = audit
+        self.probe_threshold = probe_threshold
+        self.denials = 0
+        self.escalated = False
+        self._loop = loop
+        self._fds: set[int] = set()
+
+    # -- hand-off from the engine
+    def watch(self, fd: int) -> None:
+        """Take ownership of a listener fd (it is closed by the supervisor). Call it on the
+        loop's thread, or from another thread once a loop was given/bound."""
+        loop = self._bind_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._add(fd)
+        else:
+            loop.call_soon_threadsafe(self._add, fd)
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise RuntimeError("SeccompSupervisor.watch needs a running event loop "
+                                   "(or a loop given at construction)") from None
+        return self._loop
+
+    def _add(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fds.add(fd)
+        self._loop.add_reader(fd, self._on_readable, fd)
+
+    def watching(self) -> int:
+        return len(self._fds)
+
+    def close(self) -> None:
+        """Stop watching and close every listener: pending and later notifications then
+        fail with ENOSYS in the sandbox (still refused)."""
+        for fd in list(self._fds):
+            self._unwatch(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._fds:
+            self._fds.discard(fd)
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(fd)
+            os.close(fd)
+
+    # -- the notification path
+    def _on_readable(self, fd: int) -> None:
+        for _ in range(BATCH):
+            revents = _poll_now(fd)
+            if revents & select.POLLIN:
+                self._handle_one(fd)
+                continue
+            if revents & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                # No process uses the filter any more (kernel/seccomp.c, seccomp_notify_poll).
+                self._unwatch(fd)
+            return
+
+    def _handle_one(self, fd: int) -> None:
+        buf = bytearray(NOTIF.size)    # must be zeroed: the kernel refuses dirty buffers
+        try:
+            fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
+                return                 # the target died between poll and receive
+            self._unwatch(fd)          # unusable listener: the kernel now refuses with ENOSYS
+            self.audit.record("seccomp_supervisor", sandbox=self.sandbox_id, outcome="error",
+                              details={"error": os.strerror(e.errno), "errno": e.errno})
+            return
+        notif = decode(bytes(buf))
+        answered = self._answer(fd, notif["id"])
+        self._record(notif, answered)
+
+    def _answer(self, fd: int, notif_id: int) -> bool:
+        try:
+            fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, deny_response(notif_id), False)
+            return True
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False           # the target died (or was interrupted) before our answer
+            raise
+
+    def _record(self, notif: dict, answered: bool) -> None:
+        self.denials += 1
+        details = describe(notif)
+        details["errno"] = "EPERM"
+        details["time"] = time.time()
+        if not answered:
+            details["target_gone"] = True
+        self.audit.record("seccomp_violation", sandbox=self.sandbox_id, outcome="denied",
+                          resource=details["syscall"], details=details)
+        if self.denials > self.probe_threshold and not self.escalated:
+            self.escalated = True
+            self.audit.record("escalation", sandbox=self.sandbox_id, outcome="warning",
+                              resource="seccomp",
+                              details={"kind": "boundary_probing", "denials": self.denials,
+                                       "threshold": self.probe_threshold,
+                                       "last_syscall": details["syscall"]})
+
+
+def _poll_now(fd: int) -> int:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    events = p.poll(0)
+    return events[0][1] if events else 0
