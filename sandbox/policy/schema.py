@@ -131,13 +131,103 @@ class LimitsPolicy:
 
 
 @dataclass(frozen=True)
+class AllowEntry:
+    """One egress allowlist entry: a host name, a `*.` wildcard or an IP literal, with ports."""
+    text: str
+    host: str          # lowercase name without the "*." / an IP address without brackets
+    wildcard: bool     # "*.example.com": any name strictly under example.com (not itself)
+    is_ip: bool
+    ports: tuple
+
+    def matches(self, name: str) -> bool:
+        name = name.lower().rstrip(".")
+        if self.wildcard:
+            return name.endswith("." + self.host)
+        return name == self.host
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+
+
+def parse_allow_entry(text: str) -> AllowEntry:
+    """'host[:port[,port...]]', '*.domain[:port]', '1.2.3.4[:port]', '[::1][:port]' (443)."""
+    import ipaddress
+    if not isinstance(text, str) or not text or text != text.strip():
+        raise ValueError(f"not an allow entry: {text!r}")
+    if text.startswith("["):                       # [v6]:port
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r}: write IPv6 addresses as [addr]:port")
+        portspec = rest[1:] if rest else ""
+        if rest == ":":
+            raise ValueError(f"{text!r}: empty port")
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [2001:db8::1]:443")
+    else:
+        host, sep, portspec = text.partition(":")
+        if sep and not portspec:
+            raise ValueError(f"{text!r}: empty port")
+    ports = []
+    for p in (portspec.split(",") if portspec else ["443"]):
+        if not p.isdigit() or not 1 <= int(p) <= 65535:
+            raise ValueError(f"{text!r}: port must be a number from 1 to 65535, got {p!r}")
+        ports.append(int(p))
+    host = host.lower().rstrip(".")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None
+    if addr is not None:
+        if text.startswith("[") != (addr.version == 6):
+            raise ValueError(f"{text!r}: IPv6 addresses go in brackets, IPv4 ones do not")
+        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+            raise ValueError(f"{text!r}: not a usable destination address")
+        return AllowEntry(text, str(addr), False, True, tuple(ports))
+    if text.startswith("["):
+        raise ValueError(f"{text!r}: not an IPv6 address")
+    wildcard = host.startswith("*.")
+    name = host[2:] if wildcard else host
+    if "*" in name:
+        raise ValueError(f"{text!r}: a wildcard is only allowed as the whole first label ('*.domain')")
+    labels = name.split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(l) for l in labels):
+        raise ValueError(f"{text!r}: not a valid host name")
+    if wildcard and len(labels) < 2:
+        raise ValueError(f"{text!r}: a wildcard needs a domain with at least two labels")
+    if re.fullmatch(r"[0-9.]+", name):
+        raise ValueError(f"{text!r}: not a valid IPv4 address")
+    return AllowEntry(text, name, wildcard, False, tuple(ports))
+
+
+def _allow_list(value):
+    entries = _tuple_of_str(value)
+    for e in entries:
+        parse_allow_entry(e)
+    return entries
+
+
+def _upstream_list(value):
+    import ipaddress
+    entries = _tuple_of_str(value)
+    for e in entries:
+        host, _, port = e.rpartition(":") if e.count(":") == 1 else (e, "", "")
+        try:
+            ipaddress.ip_address(host.strip("[]") if host else e)
+        except ValueError:
+            raise ValueError(f"{e!r}: an upstream resolver is an IP address[:port]") from None
+        if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+            raise ValueError(f"{e!r}: bad port")
+    return entries
+
+
+@dataclass(frozen=True)
 class NetworkPolicy:
     mode: str = _f("none", "none (no interface but a down lo), loopback, or egress (allowlist)")
-    allow: tuple = _f((), "egress entries: 'host:port', '*.domain:port', 'ip:port' (port 443 if omitted)",
-                      _tuple_of_str)
+    allow: tuple = _f((), "egress entries: 'host:port', '*.domain:port', 'ip:port', '[v6]:port' "
+                          "(port 443 if omitted; several as 'host:443,8443')", _allow_list)
     rate: int = _f(0, "egress rate limit, e.g. 10mbit (0: none)", parse_rate)
-    dns_upstream: tuple = _f((), "upstream resolvers for allowlisted names (empty: the host's)",
-                             _tuple_of_str)
+    dns_upstream: tuple = _f((), "upstream resolvers (IP[:port]) for allowlisted names "
+                                 "(empty: the host's /etc/resolv.conf)", _upstream_list)
     dns_qps: int = _f(20, "DNS queries per second a sandbox may make before being refused")
     dns_ttl_min: float = _f(30.0, "floor of a pinned answer's lifetime in the allow set", parse_duration)
     dns_ttl_max: float = _f(3600.0, "ceiling of a pinned answer's lifetime", parse_duration)
@@ -147,10 +237,17 @@ class NetworkPolicy:
             raise ValueError(f"mode: must be none, loopback or egress, got {self.mode!r}")
         if self.allow and self.mode != "egress":
             raise ValueError("allow: entries need mode = 'egress'")
+        for e in self.allow:
+            try:
+                parse_allow_entry(e)
+            except ValueError as err:
+                raise ValueError(f"allow: {err}") from None
         if not 1 <= self.dns_qps <= 10000:
             raise ValueError("dns_qps: must be between 1 and 10000")
-        if self.dns_ttl_min > self.dns_ttl_max:
-            raise ValueError("dns_ttl_min: must not exceed dns_ttl_max")
+        if self.rate and self.rate < 8000:
+            raise ValueError("rate: must be 0 (no limit) or at least 8kbit")
+        if not 1 <= self.dns_ttl_min <= self.dns_ttl_max:
+            raise ValueError("dns_ttl_min: must be at least 1s and not exceed dns_ttl_max")
 
 
 @dataclass(frozen=True)
@@ -187,11 +284,28 @@ class EscalationPolicy:
     pids_pct: int = _f(90, "process count, percent of the limit, that raises a warning")
     error_rate: int = _f(5, "failed commands in a row that raise an 'error spike' warning")
     freeze_on_critical: bool = _f(True, "freeze the sandbox on a critical escalation until an operator acts")
+    severity: tuple = _f((), "severity per trigger, e.g. { output_volume = \"critical\" } (kinds and "
+                             "defaults: ESCALATION_KINDS); critical ones freeze the sandbox", _str_map)
 
     def check(self):
         for name in ("memory_pct", "pids_pct"):
             if not 1 <= getattr(self, name) <= 100:
                 raise ValueError(f"{name}: must be between 1 and 100")
+        for name in ("denials", "error_rate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        for kind, level in self.severity:
+            if kind not in ESCALATION_KINDS:
+                raise ValueError(f"severity: unknown trigger {kind!r} (known: {', '.join(ESCALATION_KINDS)})")
+            if level not in ESCALATION_SEVERITIES:
+                raise ValueError(f"severity: {kind}: must be one of {', '.join(ESCALATION_SEVERITIES)}")
+
+
+# Escalation triggers and their default severities (sandbox/audit/escalation.py raises them).
+ESCALATION_KINDS = {"boundary_probing": "warning", "secret_in_output": "critical",
+                    "resource_limit": "warning", "error_spike": "warning",
+                    "output_volume": "warning", "teardown_failed": "critical"}
+ESCALATION_SEVERITIES = ("info", "warning", "critical")
 
 
 @dataclass(frozen=True)

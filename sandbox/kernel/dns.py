@@ -1,0 +1,328 @@
+"""The sandbox's only resolver: the daemon answers its DNS itself (DNS is not a tunnel).
+
+One `Resolver` per egress sandbox listens on the host end of its veth, port 53, UDP and
+TCP (RFC 1035 4.2.2 two-byte length framing), in the daemon's netns; the nft input chain
+lets the sandbox reach nothing else on the host. For each query:
+  * not exactly one question, not class IN: FORMERR / REFUSED;
+  * over the per-sandbox rate (policy dns_qps, token bucket): REFUSED;
+  * a type other than A / AAAA (TXT, ANY, MX, NULL...): REFUSED, never forwarded;
+  * a name not on the allowlist: NXDOMAIN, never forwarded (a long random label under
+    someone's domain is a tunnel: it must not reach any upstream resolver);
+  * AAAA of an allowlisted name: an empty answer (sandboxes get IPv4 only);
+  * A of an allowlisted name: asked upstream, the CNAME chain followed from the question,
+    the final addresses pinned into the sandbox's nft allow set for the answer's TTL
+    clamped to [dns_ttl_min, dns_ttl_max] with the entry's ports, and only then the
+    answer (the chain only, TTLs clamped) is sent back.
+Every query is audited (`dns_query`: name, type, outcome, answer or reason). The name is
+data the agent chose: records keep at most 80 characters of it plus the length and a
+sha256 prefix of the whole name, so a record stays bounded in size.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import socket
+import struct
+import time
+
+import dns.asyncquery
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from sandbox.errors import NetworkError
+
+_UPSTREAM_TIMEOUT = 3.0
+_TCP_IDLE = 10.0
+_TCP_MAX_CONN = 8
+_NAME_KEEP = 80
+
+
+def upstreams(configured=()) -> list[tuple[str, int]]:
+    """(address, port) of the upstream resolvers: configured ones, else the host's."""
+    out = []
+    for e in configured:
+        if e.count(":") == 1:
+            host, port = e.split(":")
+            out.append((host, int(port)))
+        else:
+            out.append((e.strip("[]"), 53))
+    if out:
+        return out
+    try:
+        with open("/etc/resolv.conf") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    out.append((parts[1], 53))
+    except OSError:
+        pass
+    if not out:
+        raise NetworkError("no upstream DNS resolver: none in the policy's dns_upstream and "
+                           "none in /etc/resolv.conf")
+    return out
+
+
+def name_record(name: str) -> dict:
+    """How a queried name appears in an audit record: bounded, and hashed when long."""
+    rec = {"name": name[:_NAME_KEEP], "name_len": len(name)}
+    if len(name) > _NAME_KEEP:
+        rec["name_sha256"] = hashlib.sha256(name.encode()).hexdigest()[:16]
+        rec["name_truncated"] = True
+    return rec
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, burst or rate, clock
+        self.tokens, self.last = self.burst, clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def final_addresses(qname: dns.name.Name, answer: list) -> tuple[list, list[str], int | None]:
+    """Follow the CNAME chain from qname through the answer section: (rrsets of the chain,
+    the final A addresses, the smallest TTL on the way). Records off the chain are ignored,
+    so an upstream cannot get other names' addresses pinned."""
+    by_key = {(rr.name, rr.rdtype): rr for rr in answer}
+    chain, name, ttl = [], qname, None
+    for _ in range(16):  # bounded: CNAME loops end here
+        cname = by_key.get((name, dns.rdatatype.CNAME))
+        if cname is None:
+            break
+        chain.append(cname)
+        ttl = cname.ttl if ttl is None else min(ttl, cname.ttl)
+        name = cname[0].target
+    a = by_key.get((name, dns.rdatatype.A))
+    if a is None:
+        return chain, [], ttl
+    chain.append(a)
+    ttl = a.ttl if ttl is None else min(ttl, a.ttl)
+    return chain, [r.address for r in a], ttl
+
+
+class Resolver:
+    """The DNS server of one sandbox. start()/stop() run in the host-side worker thread
+    (network.HostSide), whose loop serves it; `pin` is the sandbox's nft allow set."""
+
+    def __init__(self, handle, entries, pol, audit, upstream, pin=None):
+        self.h = handle
+        self.entries = entries
+        self.pol = pol
+        self.audit = audit
+        self.upstream = upstream
+        self._pin = pin or self._pin_nft
+        self.bucket = TokenBucket(pol.dns_qps)
+        self.limited = 0
+        self._udp = None
+        self._tasks: list = []
+        self._socks: tuple = ()
+        self._writers: set = set()
+        self._fw = None
+        self.queries = 0
+
+    # -- lifecycle (called on the worker thread) ---------------------------------------
+    def start(self):
+        from sandbox.kernel.netfilter import Firewall
+        loop = asyncio.get_event_loop()
+        ip = self.h.resolver_ip
+        self._fw = Firewall()
+        try:
+            usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            usock.bind((ip, 53))
+            usock.setblocking(False)
+            tsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            tsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tsock.bind((ip, 53))
+            tsock.listen(16)
+            tsock.setblocking(False)
+        except OSError as e:
+            self._fw.close()
+            raise NetworkError(f"cannot listen for DNS on {ip}:53", errno=e.errno,
+                               syscall="bind") from e
+        self._socks = (usock, tsock)
+        self._udp = _Udp(self, usock)
+        self._tasks = [asyncio.ensure_future(loop.create_datagram_endpoint(lambda: self._udp,
+                                                                           sock=usock)),
+                       asyncio.ensure_future(asyncio.start_server(self._serve_tcp, sock=tsock,
+                                                                  limit=4096))]
+
+    def stop(self):
+        """Close every socket now (the next sandbox may get this address at once)."""
+        for t in self._tasks:
+            if not t.done():
+                t.cancel()
+            elif not t.cancelled() and t.exception() is None:
+                obj = t.result()
+                (obj[0] if isinstance(obj, tuple) else obj).close()
+        for w in list(self._writers):
+            w.close()
+        for s in self._socks:
+            s.close()
+        if self._fw is not None:
+            self._fw.close()
+            self._fw = None
+
+    # -- the decision --------------------------------------------------------------------
+    def _match(self, name: str):
+        for e in self.entries:
+            if e.matches(name):
+                return e
+        return None
+
+    def _audit(self, qname: str, qtype: str, outcome: str, **details):
+        self.audit.record("dns_query", sandbox=self.h.sandbox_id, outcome=outcome,
+                          resource=qtype, details={**name_record(qname), "type": qtype, **details})
+
+    def _pin_nft(self, addrs: list[str], ports, ttl: float):
+        self._fw.pin(self.h.table, [(a, p) for a in addrs for p in ports], timeout=ttl)
+
+    async def answer(self, wire: bytes) -> bytes | None:
+        """The reply to one query in wire format (None: drop it, it was not DNS)."""
+        try:
+            q = dns.message.from_wire(wire)
+        except Exception:  # noqa: BLE001 - garbage from the agent: no reply, but audited
+            self._audit("", "-", "denied", reason="malformed")
+            return None
+        self.queries += 1
+        if q.flags & dns.flags.QR:
+            return None
+        if len(q.question) != 1:
+            self._audit("", "-", "denied", reason="not one question")
+            return _reply(q, dns.rcode.FORMERR).to_wire()
+        rr = q.question[0]
+        qname = rr.name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(rr.rdtype)
+        if not self.bucket.take():
+            self.limited += 1
+            if self.limited in (1, 10) or self.limited % 100 == 0:
+                self._audit(qname, qtype, "denied", reason="rate limited",
+                            limited_total=self.limited)
+            return _reply(q, dns.rcode.REFUSED).to_wire()
+        if rr.rdclass != dns.rdataclass.IN or rr.rdtype not in (dns.rdatatype.A,
+                                                                  dns.rdatatype.AAAA):
+            self._audit(qname, qtype, "denied", reason="type refused")
+            return _reply(q, dns.rcode.REFUSED).to_wire()
+        entry = self._match(qname)
+        if entry is None:
+            self._audit(qname, qtype, "denied", reason="not on the allowlist")
+            return _reply(q, dns.rcode.NXDOMAIN).to_wire()
+        if rr.rdtype == dns.rdatatype.AAAA:
+            self._audit(qname, qtype, "ok", reason="ipv4 only", answer=[])
+            return _reply(q, dns.rcode.NOERROR).to_wire()
+        return await self._resolve(q, rr, qname, qtype, entry)
+
+    async def _resolve(self, q, rr, qname, qtype, entry) -> bytes:
+        up = dns.message.make_query(rr.name, dns.rdatatype.A)
+        resp = None
+        for host, port in self.upstream:
+            try:
+                resp = await dns.asyncquery.udp(up, host, port=port, timeout=_UPSTREAM_TIMEOUT)
+                if resp.flags & dns.flags.TC:
+                    resp = await dns.asyncquery.tcp(up, host, port=port, timeout=_UPSTREAM_TIMEOUT)
+                break
+            except (dns.exception.DNSException, OSError):
+                continue
+        if resp is None:
+            self._audit(qname, qtype, "error", reason="upstream unreachable")
+            return _reply(q, dns.rcode.SERVFAIL).to_wire()
+        if resp.rcode() != dns.rcode.NOERROR:
+            self._audit(qname, qtype, "ok", reason="upstream " + dns.rcode.to_text(resp.rcode()))
+            return _reply(q, resp.rcode()).to_wire()
+        chain, addrs, ttl = final_addresses(rr.name, resp.answer)
+        addrs = [a for a in addrs if _routable(a)]
+        ttl = min(max(ttl or 0, self.pol.dns_ttl_min), self.pol.dns_ttl_max)
+        if addrs:
+            try:
+                self._pin(addrs, entry.ports, ttl)   # the pin is in place before the answer
+            except Exception as e:  # noqa: BLE001 - fail closed: no pin, no answer
+                self._audit(qname, qtype, "error", reason=f"pin failed: {e}")
+                return _reply(q, dns.rcode.SERVFAIL).to_wire()
+        out = _reply(q, dns.rcode.NOERROR)
+        for rrset in chain:
+            if rrset.rdtype == dns.rdatatype.A:
+                rrset = dns.rrset.from_text_list(rrset.name, int(ttl), "IN", "A", addrs)
+            else:
+                rrset = dns.rrset.from_rdata_list(rrset.name, int(ttl), list(rrset))
+            out.answer.append(rrset)
+        self._audit(qname, qtype, "ok", answer=addrs[:16], ttl=int(ttl), ports=list(entry.ports))
+        return out.to_wire()
+
+    # -- transports ----------------------------------------------------------------------
+    def _from_sandbox(self, addr) -> bool:
+        return addr and addr[0] == self.h.sandbox_ip
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        if not self._from_sandbox(writer.get_extra_info("peername")) or \
+                len(self._writers) >= _TCP_MAX_CONN:
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            for _ in range(1000):  # bounded per connection
+                head = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE)
+                (n,) = struct.unpack("!H", head)
+                wire = await asyncio.wait_for(reader.readexactly(n), _TCP_IDLE)
+                reply = await self.answer(wire)
+                if reply is None:
+                    break
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+def _routable(addr: str) -> bool:
+    # An upstream answer of 127.0.0.1 or 0.0.0.0 would pin nothing useful (and never the
+    # host's own loopback: the sandbox's 127/8 is its own).
+    a = ipaddress.IPv4Address(addr)
+    return not (a.is_loopback or a.is_unspecified or a.is_multicast)
+
+
+def _reply(q: dns.message.Message, rcode: int) -> dns.message.Message:
+    r = dns.message.make_response(q)
+    r.set_rcode(rcode)
+    r.flags |= dns.flags.RA
+    return r
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, resolver: Resolver, sock):
+        self.r = resolver
+        self.sock = sock
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        if not self.r._from_sandbox(addr):
+            return
+        asyncio.ensure_future(self._reply(data, addr))
+
+    async def _reply(self, data, addr):
+        reply = await self.r.answer(data)
+        if reply is None or self.transport is None or self.transport.is_closing():
+            return
+        if len(reply) > 512:  # RFC 1035 4.2.1: truncate; the client retries over TCP
+            q = dns.message.from_wire(data)
+            r = _reply(q, dns.rcode.NOERROR)
+            r.flags |= dns.flags.TC
+            reply = r.to_wire()
+        self.transport.sendto(reply, addr)
