@@ -259,10 +259,16 @@ class SeccompPolicy:
     socket_families: tuple = _f(("unix", "inet", "inet6"), "socket families the agent may open",
                                 _tuple_of_str)
     probe_threshold: int = _f(10, "denied attempts after which a 'boundary probing' escalation is raised")
+    notify: bool = _f(True, "report deny-list attempts through the supervisor (seccomp user "
+                            "notification); false: refuse them with EPERM without a record")
 
     def check(self):
         if self.probe_threshold < 1:
             raise ValueError("probe_threshold: must be at least 1")
+        # Unknown groups and syscall names, and allowing the fixed deny list, are errors
+        # at load time (sandbox/kernel/seccomp.py owns the names and the groups).
+        from sandbox.kernel.seccomp import check_section
+        check_section(self)
 
 
 @dataclass(frozen=True)
