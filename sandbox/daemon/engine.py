@@ -1,0 +1,123 @@
+"""The one seam between the daemon and the engine (sandbox.runtime.sandbox.Sandbox).
+
+The server only calls what is here, so the HTTP layer, auth and tokens can be unit-tested
+with a stand-in engine without root; the integration tests always use `RealEngine`.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Protocol
+
+OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
+
+
+@dataclass
+class ExecOutcome:
+    exit_code: int | None
+    signal: int | None
+    reason: str
+    reason_text: str
+    usage: dict
+    duration: float
+
+
+class Handle(Protocol):
+    id: str
+
+    @property
+    def workspace(self) -> str: ...
+    @property
+    def workspace_owner(self) -> tuple[int, int] | None: ...
+    async def exec(self, argv, *, env=None, cwd=None, stdin=None, timeout=None,
+                   on_output: OutputCallback | None = None) -> ExecOutcome: ...
+    def freeze(self) -> None: ...
+    def thaw(self) -> None: ...
+    def kill(self) -> None: ...
+    def destroy(self) -> dict: ...
+    def usage(self) -> dict: ...
+    def info(self) -> dict: ...
+
+
+class Engine(Protocol):
+    def create(self, policy, *, sandbox_id: str, workspace: str | None, audit) -> Handle: ...
+    def scanner(self, policy): ...
+
+
+class RealHandle:
+    """Wraps sandbox.runtime.sandbox.Sandbox with the names the server uses."""
+
+    def __init__(self, sb):
+        self.sb = sb
+        self.id = sb.id
+
+    @property
+    def workspace(self) -> str:
+        return str(self.sb.workspace)
+
+    @property
+    def workspace_owner(self):
+        return getattr(self.sb, "workspace_owner", None)
+
+    async def exec(self, argv, *, env=None, cwd=None, stdin=None, timeout=None, on_output=None):
+        r = await self.sb.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                               on_output=on_output)
+        return ExecOutcome(exit_code=r.exit_code, signal=r.signal, reason=str(r.reason),
+                           reason_text=getattr(r, "reason_text", "") or getattr(r, "text", "") or "",
+                           usage=dict(r.usage or {}), duration=float(r.duration or 0.0))
+
+    def freeze(self):
+        self.sb.freeze()
+
+    def thaw(self):
+        self.sb.thaw()
+
+    def kill(self):
+        self.sb.kill()
+
+    def destroy(self) -> dict:
+        report = self.sb.destroy()
+        return report if isinstance(report, dict) else {"report": str(report)}
+
+    def usage(self) -> dict:
+        return dict(self.sb.usage())
+
+    def info(self) -> dict:
+        return dict(self.sb.info())
+
+
+class RealEngine:
+    """The kernel-backed engine. Imports lazily so `sandboxd --help` stays light."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self._scanners: dict[str, Any] = {}
+
+    def create(self, policy, *, sandbox_id: str, workspace: str | None, audit) -> RealHandle:
+        from sandbox.runtime.sandbox import Sandbox
+        sb = Sandbox.create(policy, workspace=workspace, audit=audit, state_dir=self.run_dir,
+                            sandbox_id=sandbox_id)
+        return RealHandle(sb)
+
+    def scanner(self, policy):
+        """One compiled scanner per scanner policy (compiling hyperscan databases is slow)."""
+        from sandbox.policy import policy_hash
+        from sandbox.scan import Scanner
+        key = policy_hash(policy)
+        if key not in self._scanners:
+            self._scanners[key] = Scanner.from_policy(policy.scanner)
+        return self._scanners[key]
+
+    def recover(self, audit) -> Any:
+        """Clean up what a crashed daemon left behind (the audit engineer's recovery)."""
+        from sandbox.runtime.recovery import recover
+        try:
+            return recover(self.run_dir, audit=audit)
+        except TypeError:
+            return recover(self.run_dir)
+
+
+async def call_blocking(fn, *args, **kw):
+    """Run a blocking engine call off the event loop so other clients keep being served."""
+    return await asyncio.to_thread(fn, *args, **kw)

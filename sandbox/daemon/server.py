@@ -1,0 +1,858 @@
+"""sandboxd's HTTP/1.1 + JSON API on a Unix socket (aiohttp), one asyncio process.
+
+Every request: the peer's identity from SO_PEERCRED/SO_PEERGROUPS (auth.py), then the
+capability token for sandbox operations, then a strictly validated body (unknown fields are
+an error, sizes are bounded), then the work. Blocking engine calls run in threads so one
+slow create never stalls another client. Output leaves only through the scanner.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import resource
+import socket
+import stat
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from sandbox.audit.sink import NULL_SINK
+from sandbox.daemon import bounds, files
+from sandbox.daemon.auth import Authorizer, Principal, group_id, peer_of
+from sandbox.daemon.config import DaemonConfig
+from sandbox.daemon.engine import call_blocking
+from sandbox.daemon.errors import BadRequest, Forbidden, StateError, TooMany, status_of
+from sandbox.daemon.metrics import Metrics
+from sandbox.daemon.state import Registry, SandboxRecord, new_sandbox_id, valid_sandbox_id
+from sandbox.daemon.tokens import CEILING_FIELDS, TokenScope, TokenStore
+from sandbox.errors import AuthError, NotFoundError, PolicyError, SandboxError
+
+log = logging.getLogger("sandboxd.server")
+
+API = "/v1"
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_LIMIT_REASONS = {"timeout", "oom", "pids", "disk", "cpu"}
+
+
+# -- request validation -----------------------------------------------------------------------
+def _typecheck(name: str, value, kind):
+    ok = {"str": lambda v: isinstance(v, str),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "num": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool),
+          "dict": lambda v: isinstance(v, dict),
+          "strlist": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+          "strmap": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+          "ceiling": lambda v: isinstance(v, dict)}[kind]
+    if not ok(value):
+        raise BadRequest(f"{name}: expected {kind}, got {type(value).__name__}")
+
+
+def _check_fields(body, spec: dict[str, tuple[str, bool]]) -> dict:
+    """spec: field -> (kind, required). Unknown fields are refused: a typo never does nothing."""
+    if not isinstance(body, dict):
+        raise BadRequest("body: expected a JSON object")
+    unknown = sorted(set(body) - set(spec))
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(map(str, unknown))[:200]} "
+                         f"(known: {', '.join(spec)})")
+    for name, (kind, required) in spec.items():
+        if name not in body or body[name] is None:
+            if required:
+                raise BadRequest(f"{name}: required")
+            body.pop(name, None)
+            continue
+        _typecheck(name, body[name], kind)
+    return body
+
+
+def _chunk_event(kind: str, data: bytes) -> dict:
+    try:
+        return {"event": kind, "data": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"event": kind, "b64": base64.b64encode(data).decode()}
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers a connection over the limit with 503 and closes it (the daemon stays up)."""
+
+    BODY = b'{"error": "Busy", "message": "too many connections, retry later"}'
+
+    def connection_made(self, transport):
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(self.BODY)
+                        + self.BODY)
+        transport.close()
+
+
+class _Conn(asyncio.Protocol):
+    """Wraps aiohttp's per-connection protocol to see when a connection idles or dawdles."""
+
+    def __init__(self, daemon: "Daemon", inner):
+        self.d, self.inner = daemon, inner
+        self.transport = None
+        self.last = time.monotonic()
+        self.pending_since: float | None = None
+        self.inflight = 0
+        daemon.open_conns += 1      # counted at accept time, before connection_made runs
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.d.conns[transport] = self
+        self.inner.connection_made(transport)
+
+    def data_received(self, data):
+        self.last = time.monotonic()
+        if not self.inflight and self.pending_since is None:
+            self.pending_since = self.last
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc):
+        self.d.conns.pop(self.transport, None)
+        self.d.open_conns -= 1
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self):
+        self.inner.pause_writing()
+
+    def resume_writing(self):
+        self.inner.resume_writing()
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig, engine, *, audit=NULL_SINK, notifier=None):
+        self.config = config
+        self.engine = engine
+        self.audit = audit
+        self.notifier = notifier
+        self.tokens = TokenStore(config.tokens_path, default_ttl=config.token_default_ttl)
+        self.auth = Authorizer(self.tokens, admin_group=config.admin_group,
+                               client_group=config.client_group)
+        self.registry = Registry()
+        self.metrics = Metrics()
+        self.started = time.time()
+        self.conns: dict = {}
+        self.open_conns = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._token_timers: dict[str, asyncio.TimerHandle] = {}
+        self._runner: web.AppRunner | None = None
+        self._server = None
+        self._sweeper: asyncio.Task | None = None
+        self.app = self._make_app()
+
+    # -- app and routes -------------------------------------------------------------------
+    def _make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.max_body,
+                              middlewares=[self._middleware])
+        r = app.router
+        r.add_get(f"{API}/health", self.health)
+        r.add_get(f"{API}/metrics", self.metrics_text)
+        r.add_post(f"{API}/sandboxes", self.create)
+        r.add_get(f"{API}/sandboxes", self.list_sandboxes)
+        r.add_get(f"{API}/sandboxes/{{id}}", self.inspect)
+        r.add_delete(f"{API}/sandboxes/{{id}}", self.destroy)
+        r.add_post(f"{API}/sandboxes/{{id}}/exec", self.exec)
+        r.add_put(f"{API}/sandboxes/{{id}}/files", self.put_file)
+        r.add_get(f"{API}/sandboxes/{{id}}/files", self.get_file)
+        r.add_post(f"{API}/sandboxes/{{id}}/freeze", self.freeze)
+        r.add_post(f"{API}/sandboxes/{{id}}/resume", self.resume)
+        r.add_post(f"{API}/kill", self.kill_all)
+        r.add_post(f"{API}/tokens", self.grant_token)
+        r.add_get(f"{API}/tokens", self.list_tokens)
+        r.add_delete(f"{API}/tokens/{{id}}", self.revoke_token)
+        r.add_get(f"{API}/audit", self.audit_query)
+        return app
+
+    def routes(self) -> set[tuple[str, str]]:
+        """(METHOD, path template) of every route: checked against docs/openapi.yaml."""
+        out = set()
+        for route in self.app.router.routes():
+            if route.method in ("HEAD", "*"):
+                continue
+            out.add((route.method, route.resource.canonical))
+        return out
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        conn = self.conns.get(request.transport)
+        if conn is not None:
+            conn.inflight += 1
+            conn.pending_since = None
+        try:
+            try:
+                resp = await handler(request)
+            except web.HTTPException as e:
+                if e.status >= 400:
+                    resp = self._error(e.status, e.reason.replace(" ", ""), e.text or e.reason)
+                else:
+                    raise
+            except SandboxError as e:
+                code = status_of(e)
+                if code in (401, 403):
+                    self.metrics.denials["auth" if code == 401 else "forbidden"] += 1
+                elif code == 429 or type(e).__name__ == "LimitError":
+                    self.metrics.denials["bounds"] += 1
+                if code >= 500:
+                    log.error("request failed: %s %s: %s", request.method, request.path, e)
+                resp = self._error(code, type(e).__name__, str(e))
+            except (asyncio.TimeoutError, TimeoutError):
+                resp = self._error(408, "Timeout", "request body not received in time")
+            except ConnectionResetError:
+                raise
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the daemon
+                log.exception("internal error on %s %s", request.method, request.path)
+                resp = self._error(500, "InternalError", f"internal error: {type(e).__name__}")
+            self.metrics.requests[f"{resp.status // 100}xx"] += 1
+            return resp
+        finally:
+            if conn is not None:
+                conn.inflight -= 1
+                conn.last = time.monotonic()
+
+    @staticmethod
+    def _error(status: int, kind: str, message: str) -> web.Response:
+        return web.json_response({"error": kind, "message": message[:2000]}, status=status)
+
+    # -- auth helpers ---------------------------------------------------------------------
+    def _principal(self, request: web.Request) -> Principal:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is None:
+            raise Forbidden("no peer credentials on this connection")
+        peer = peer_of(sock)
+        try:
+            return self.auth.authenticate(peer, request.headers.get("Authorization"))
+        except AuthError as e:
+            if "neither root" in str(e):
+                raise Forbidden(str(e)) from None
+            raise
+
+    def _need_admin(self, request) -> Principal:
+        p = self._principal(request)
+        if not p.admin:
+            raise Forbidden("this needs an administrator (root or the admin group)")
+        return p
+
+    def _need_sandbox_rights(self, request) -> Principal:
+        p = self._principal(request)
+        if not p.admin and p.token is None:
+            raise AuthError("a capability token is required (Authorization: Bearer sbxd_...)")
+        return p
+
+    def _lookup(self, request, p: Principal) -> SandboxRecord:
+        sid = request.match_info["id"]
+        rec = self.registry.get(sid) if valid_sandbox_id(sid) else None
+        # Another token's sandbox is "not found", never "forbidden": existence is not confirmed.
+        if rec is None or (not p.admin and rec.token_id != p.token_id):
+            raise NotFoundError(f"no sandbox {sid[:40]!r}")
+        return rec
+
+    async def _json(self, request: web.Request, spec) -> dict:
+        if request.content_length is not None and request.content_length > self.config.max_json_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_json_body,
+                                                actual_size=request.content_length)
+        raw = await asyncio.wait_for(request.read(), self.config.body_timeout)
+        if len(raw) > self.config.max_json_body:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.config.max_json_body,
+                                                actual_size=len(raw))
+        if not raw.strip():
+            body = {}
+        else:
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError) as e:
+                raise BadRequest(f"body is not valid JSON: {str(e)[:100]}") from None
+        return _check_fields(body, spec)
+
+    def _record(self, action: str, p: Principal | None, **kw):
+        """Queue an audit record; with the hash-chained log, submit() never blocks the loop
+        (its writer thread group-commits) and a failed write is logged here."""
+        kw.update(token=p.token_id if p else None, uid=p.peer.uid if p else None)
+        try:
+            submit = getattr(self.audit, "submit", None)
+            if submit is None:
+                self.audit.record(action, **kw)
+                return
+            fut = submit(action, **kw)
+            fut.add_done_callback(lambda f: f.exception() and log.error(
+                "audit record %s failed: %s", action, f.exception()))
+        except Exception:  # noqa: BLE001 - the audit log reports and fails closed on its own
+            log.exception("audit record %s failed", action)
+
+    def _spawn(self, coro):
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- health and metrics ---------------------------------------------------------------
+    async def health(self, request):
+        self._principal(request)
+        from sandbox import __version__
+        return web.json_response({"status": "ok", "version": __version__,
+                                  "sandboxes": len(self.registry.all()),
+                                  "uptime": round(time.time() - self.started, 3)})
+
+    async def metrics_text(self, request):
+        self._need_admin(request)
+        return web.Response(text=self.metrics.render(self.registry.by_state()),
+                            content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    # -- sandboxes ------------------------------------------------------------------------
+    async def create(self, request):
+        p = self._need_sandbox_rights(request)
+        body = await self._json(request, {"policy": ("str", False), "overrides": ("dict", False),
+                                          "workspace": ("str", False)})
+        name = body.get("policy", "default")
+        if not _POLICY_NAME.fullmatch(name):
+            raise BadRequest("policy: a policy name (letters, digits, - and _), not a path")
+        overrides = body.get("overrides") or {}
+        from sandbox.policy import load_policy
+        workspace = body.get("workspace")
+        if p.token is not None:
+            scope = p.token.scope
+            bounds.check_policy_allowed(scope, name)
+            bounds.check_override_keys(overrides)
+            workspace = bounds.check_workspace(scope, workspace)
+        elif workspace is not None:
+            if not workspace.startswith("/") or not os.path.isdir(workspace):
+                raise BadRequest("workspace: must be an existing absolute host directory")
+            workspace = os.path.realpath(workspace)
+        base = load_policy(name)
+        final = load_policy(name, overrides) if overrides else base
+        if p.token is not None:
+            bounds.check_within(p.token.scope, base, final)
+            if self.registry.count_token(p.token_id) >= p.token.scope.max_sandboxes:
+                raise TooMany(f"this token already has {p.token.scope.max_sandboxes} sandboxes "
+                              "(its maximum); destroy one first")
+        rec = SandboxRecord(id=new_sandbox_id(), policy=final, token_id=p.token_id, uid=p.peer.uid)
+        self.registry.add(rec)
+        t0 = time.perf_counter()
+        try:
+            rec.handle = await call_blocking(self.engine.create, final, sandbox_id=rec.id,
+                                             workspace=workspace, audit=self.audit)
+        except BaseException:
+            self.registry.remove(rec.id)
+            raise
+        dt = time.perf_counter() - t0
+        if rec.state == "destroying":      # revoked while it was being made
+            self._spawn(self._destroy(rec, "revoked during create"))
+            raise AuthError("the token was revoked while the sandbox was being created")
+        rec.state = "running"
+        self.metrics.create_latency.observe(dt)
+        self.metrics.created += 1
+        rec.expiry_timer = asyncio.get_running_loop().call_later(
+            final.timeout, lambda: self._spawn(self._destroy(rec, "policy timeout")))
+        self._record("daemon_create", p, sandbox=rec.id, resource=name,
+                      duration_ms=round(dt * 1000, 3))
+        return web.json_response(self._describe(rec, p), status=201)
+
+    def _describe(self, rec: SandboxRecord, p: Principal, *, full: bool = False) -> dict:
+        d = rec.summary()
+        try:
+            d["usage"] = rec.handle.usage() if rec.handle is not None else {}
+        except Exception as e:  # noqa: BLE001 - a dying sandbox still lists
+            d["usage"] = {"error": str(e)[:200]}
+        if full:
+            from sandbox.policy import policy_to_dict
+            d["policy_detail"] = policy_to_dict(rec.policy)
+            lim = rec.policy.limits
+            d["limits"] = {"memory": lim.memory, "cpus": lim.cpus, "pids": lim.pids,
+                           "disk": lim.disk, "timeout": rec.policy.timeout,
+                           "command_timeout": rec.policy.command_timeout}
+            d["network"] = {"mode": rec.policy.network.mode, "allow": list(rec.policy.network.allow)}
+            try:
+                d["info"] = rec.handle.info() if rec.handle is not None else {}
+            except Exception as e:  # noqa: BLE001
+                d["info"] = {"error": str(e)[:200]}
+        return json.loads(json.dumps(d, default=str))
+
+    async def list_sandboxes(self, request):
+        p = self._need_sandbox_rights(request)
+        recs = [r for r in self.registry.all() if p.admin or r.token_id == p.token_id]
+        return web.json_response({"sandboxes": [self._describe(r, p) for r in recs]})
+
+    async def inspect(self, request):
+        p = self._need_sandbox_rights(request)
+        return web.json_response(self._describe(self._lookup(request, p), p, full=True))
+
+    async def destroy(self, request):
+        p = self._need_sandbox_rights(request)
+        rec = self._lookup(request, p)
+        if rec.state in ("creating", "destroying"):
+            raise StateError(f"sandbox {rec.id} is {rec.state}")
+        report = await self._destroy(rec, "requested", p)
+        return web.json_response({"id": rec.id, "state": "destroyed", "report": report})
+
+    async def _destroy(self, rec: SandboxRecord, why: str, p: Principal | None = None) -> dict:
+        if rec.state == "destroying" and rec.handle is None:
+            return {}
+        rec.state = "destroying"
+        if rec.expiry_timer is not None:
+            rec.expiry_timer.cancel()
+        report: dict = {}
+        try:
+            if rec.handle is not None:
+                report = await call_blocking(rec.handle.destroy)
+        finally:
+            self.registry.remove(rec.id)
+            rec.handle = None
+            self.metrics.destroyed += 1
+            self._record("daemon_destroy", p, sandbox=rec.id, details={"why": why})
+        return json.loads(json.dumps(report, default=str))
+
+    async def freeze(self, request):
+        p = self._need_sandbox_rights(request)
+        rec = self._lookup(request, p)
+        if rec.state != "running":
+            raise StateError(f"sandbox {rec.id} is {rec.state}, not running")
+        await call_blocking(rec.handle.freeze)
+        rec.state = "frozen"
+        self._record("daemon_freeze", p, sandbox=rec.id)
+        return web.json_response(self._describe(rec, p))
+
+    async def resume(self, request):
+        p = self._need_sandbox_rights(request)
+        rec = self._lookup(request, p)
+        if rec.state == "held" and not p.admin:
+            raise Forbidden(f"sandbox {rec.id} is held after a scanner block; only an operator "
+                            "may resume it")
+        if rec.state not in ("frozen", "held"):
+            raise StateError(f"sandbox {rec.id} is {rec.state}, not frozen or held")
+        was = rec.state
+        await call_blocking(rec.handle.thaw)
+        rec.state, rec.held_reason = "running", None
+        # Nothing withheld is released: the output was discarded when the block was found.
+        self._record("daemon_resume", p, sandbox=rec.id, details={"was": was})
+        return web.json_response(self._describe(rec, p))
+
+    async def kill_all(self, request):
+        p = self._need_admin(request)
+        recs = [r for r in self.registry.all() if r.state != "destroying"]
+        kill_ms = self._kill_now(recs)
+        for r in recs:
+            self._spawn(self._destroy(r, "kill switch", p))
+        self._record("daemon_kill_all", p, details={"sandboxes": len(recs), "kill_ms": kill_ms})
+        return web.json_response({"killed": len(recs), "kill_ms": kill_ms})
+
+    def _kill_now(self, recs: list[SandboxRecord]) -> float:
+        """cgroup.kill every sandbox at once, in the loop (no thread hop): ms until all gone."""
+        t0 = time.perf_counter()
+        for r in recs:
+            if r.expiry_timer is not None:
+                r.expiry_timer.cancel()
+            if r.handle is not None:
+                try:
+                    r.handle.kill()
+                except Exception:  # noqa: BLE001 - kill the others; destroy reports leftovers
+                    log.exception("kill of %s failed", r.id)
+            else:
+                r.state = "destroying"     # still being created: destroyed as soon as it exists
+        return round((time.perf_counter() - t0) * 1000, 3)
+
+    # -- exec and output release ----------------------------------------------------------
+    async def exec(self, request):
+        p = self._need_sandbox_rights(request)
+        rec = self._lookup(request, p)
+        body = await self._json(request, {"argv": ("strlist", True), "env": ("strmap", False),
+                                          "cwd": ("str", False), "stdin": ("str", False),
+                                          "timeout": ("num", False)})
+        if not body["argv"] or not body["argv"][0]:
+            raise BadRequest("argv: must name a program")
+        if any("\0" in a for a in body["argv"]):
+            raise BadRequest("argv: must not contain NUL")
+        timeout = body.get("timeout")
+        if timeout is not None and not 0 < timeout <= rec.policy.command_timeout:
+            raise BadRequest(f"timeout: must be more than 0 and at most the policy's "
+                             f"command_timeout ({rec.policy.command_timeout}s)")
+        if rec.state != "running":
+            raise StateError(f"sandbox {rec.id} is {rec.state}"
+                             + (" waiting for an operator" if rec.state == "held" else ""))
+        scanner = self.engine.scanner(rec.policy)
+        streams = {"stdout": scanner.stream(salt=rec.salt), "stderr": scanner.stream(salt=rec.salt)}
+        queue: asyncio.Queue = asyncio.Queue(maxsize=64)
+
+        async def on_output(stream: str, data: bytes):
+            await queue.put((stream, bytes(data)))
+
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        rec.execs += 1
+        rec.running_execs += 1
+        self.metrics.execs += 1
+        stdin = body["stdin"].encode() if "stdin" in body else None
+        task = asyncio.get_running_loop().create_task(rec.handle.exec(
+            body["argv"], env=body.get("env"), cwd=body.get("cwd"), stdin=stdin,
+            timeout=timeout, on_output=on_output))
+        task.add_done_callback(lambda _t: setattr(rec, "running_execs", rec.running_execs - 1))
+        out = _Emitter(resp)
+        held = await self._pump(rec, p, queue, task, streams, out)
+        if held:
+            self._spawn(self._pump(rec, p, queue, task, streams, None))
+            await out.send({"event": "exit", "exit_code": None, "signal": None, "reason": "held",
+                            "reason_text": rec.held_reason, "usage": {}, "duration": 0.0})
+        else:
+            await self._finish_exec(rec, p, task, out)
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass
+        return resp
+
+    async def _pump(self, rec, p, queue, task, streams, out) -> bool:
+        """Scan and release output until the command ends (False) or a block holds it (True).
+
+        With out=None the output is withheld: scanned (findings still count and are
+        audited) and dropped until the command ends, so a held sandbox never releases
+        what it printed.
+        """
+        async def one(stream, result) -> bool:
+            return await self._release(rec, p, stream, result, out) and out is not None
+
+        while not task.done():
+            getter = asyncio.ensure_future(queue.get())
+            finished, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in finished:
+                getter.cancel()
+                break
+            stream, data = getter.result()
+            if await one(stream, streams[stream].feed(data)):
+                return True
+        # The engine awaited every on_output before returning: what is queued is all there is.
+        while not queue.empty():
+            stream, data = queue.get_nowait()
+            if await one(stream, streams[stream].feed(data)):
+                return True
+        for name, st in streams.items():
+            if await one(name, st.finish()):
+                return True
+        return False
+
+    async def _release(self, rec, p, stream: str, result, out) -> bool:
+        """Send one scan result's findings and released bytes; hold on a block. True if held."""
+        for f in result.findings:
+            fd = f.to_dict()
+            rec.findings += 1
+            self.metrics.findings[(str(fd.get("rule", "?")), str(fd.get("action", "?")))] += 1
+            if out is not None:
+                await out.send({"event": "finding", "stream": stream, "finding": fd})
+        if result.blocked:
+            if rec.state not in ("held", "destroying"):
+                await self._hold(rec, p, f"scanner blocked {stream} output")
+                if out is not None:
+                    await out.send({"event": "held", "reason": rec.held_reason})
+            return True
+        if result.released and out is not None:
+            await out.send(_chunk_event(stream, result.released))
+        return False
+
+    async def _hold(self, rec: SandboxRecord, p, reason: str):
+        """Freeze the sandbox (cgroup freeze) and wait for an operator."""
+        rec.state, rec.held_reason = "held", reason
+        self.metrics.held += 1
+        try:
+            rec.handle.freeze()
+        except Exception:  # noqa: BLE001 - cannot freeze: kill rather than let it run on
+            log.exception("freeze of held sandbox %s failed; killing it", rec.id)
+            rec.handle.kill()
+        self._record("daemon_hold", p, sandbox=rec.id, outcome="held", details={"why": reason})
+        log.warning("sandbox %s held: %s", rec.id, reason)
+
+    async def _finish_exec(self, rec, p, task, out):
+        try:
+            res = task.result()
+        except SandboxError as e:
+            await out.send({"event": "error", "error": type(e).__name__, "message": str(e)})
+            return
+        except Exception as e:  # noqa: BLE001
+            log.exception("exec in %s failed", rec.id)
+            await out.send({"event": "error", "error": "InternalError",
+                            "message": f"internal error: {type(e).__name__}"})
+            return
+        if res.reason in _LIMIT_REASONS:
+            await out.send({"event": "limit", "limit": res.reason, "text": res.reason_text})
+        await out.send({"event": "exit", "exit_code": res.exit_code, "signal": res.signal,
+                        "reason": res.reason, "reason_text": res.reason_text,
+                        "usage": json.loads(json.dumps(res.usage, default=str)),
+                        "duration": res.duration})
+
+    # -- files ----------------------------------------------------------------------------
+    def _file_rec(self, request) -> tuple[Principal, SandboxRecord, str]:
+        p = self._need_sandbox_rights(request)
+        rec = self._lookup(request, p)
+        unknown = set(request.query) - {"path", "mode"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+        if rec.state not in ("running", "frozen"):
+            raise StateError(f"sandbox {rec.id} is {rec.state}")
+        return p, rec, request.query.get("path", "")
+
+    async def put_file(self, request):
+        p, rec, path = self._file_rec(request)
+        files.check_relpath(path)
+        mode_s = request.query.get("mode", "644")
+        if not re.fullmatch(r"0?[0-7]{3}", mode_s):
+            raise BadRequest("mode: octal permission bits like 644")
+        data = await asyncio.wait_for(request.read(), self.config.body_timeout)
+        n = await call_blocking(files.write_file, rec.handle.workspace, path, data,
+                                mode=int(mode_s, 8), owner=rec.handle.workspace_owner)
+        self._record("daemon_file_in", p, sandbox=rec.id, resource=path, details={"bytes": n})
+        return web.json_response({"path": path, "size": n}, status=201)
+
+    async def get_file(self, request):
+        p, rec, path = self._file_rec(request)
+        if not path or path in (".", "/"):
+            return web.json_response({"path": "", "entries": await call_blocking(
+                files.list_dir, rec.handle.workspace, "")})
+        files.check_relpath(path)
+        try:
+            data = await call_blocking(files.read_file, rec.handle.workspace, path,
+                                       max_bytes=self.config.max_file_read)
+        except files.PathError as e:
+            if "is a directory" not in str(e):
+                raise
+            return web.json_response({"path": path, "entries": await call_blocking(
+                files.list_dir, rec.handle.workspace, path)})
+        st = self.engine.scanner(rec.policy).stream(salt=rec.salt)
+        results = [st.feed(data), st.finish()]
+        findings = [f.to_dict() for r in results for f in r.findings]
+        for fd in findings:
+            rec.findings += 1
+            self.metrics.findings[(str(fd.get("rule", "?")), str(fd.get("action", "?")))] += 1
+        if any(r.blocked for r in results):
+            await self._hold(rec, p, f"scanner blocked file {path[:200]}")
+            self._record("daemon_file_out", p, sandbox=rec.id, resource=path, outcome="withheld")
+            return web.json_response({"error": "Withheld", "message": f"{path}: withheld by the "
+                                      f"scanner; sandbox {rec.id} is held for an operator",
+                                      "findings": findings}, status=409)
+        released = b"".join(r.released for r in results)
+        self._record("daemon_file_out", p, sandbox=rec.id, resource=path,
+                     details={"bytes": len(released), "findings": len(findings)})
+        ev = _chunk_event("file", released)
+        ev.pop("event")
+        return web.json_response({"path": path, "size": len(released), "findings": findings, **ev})
+
+    # -- tokens ---------------------------------------------------------------------------
+    async def grant_token(self, request):
+        p = self._need_admin(request)
+        body = await self._json(request, {"name": ("str", False), "policies": ("strlist", False),
+                                          "ceiling": ("ceiling", False), "network": ("strlist", False),
+                                          "workspace_roots": ("strlist", False),
+                                          "max_sandboxes": ("int", False), "ttl": ("num", False)})
+        scope = TokenScope(policies=body.get("policies", ["default"]),
+                           ceiling=_parse_ceiling(body.get("ceiling", {})),
+                           network=body.get("network", []),
+                           workspace_roots=body.get("workspace_roots", []),
+                           max_sandboxes=body.get("max_sandboxes", 8))
+        tok, value = self.tokens.grant(scope, granted_by=p.peer.uid, ttl=body.get("ttl"),
+                                       name=body.get("name", ""))
+        self._arm_token_timer(tok)
+        self._record("token_grant", p, resource=tok.id, details={"name": tok.name,
+                                                                 "expires": tok.expires})
+        return web.json_response({"token": value, **tok.public()}, status=201)
+
+    async def list_tokens(self, request):
+        self._need_admin(request)
+        return web.json_response({"tokens": [
+            {**t.public(), "sandboxes": self.registry.count_token(t.id)} for t in self.tokens.list()]})
+
+    async def revoke_token(self, request):
+        p = self._need_admin(request)
+        tid = request.match_info["id"]
+        try:
+            tok = self.tokens.revoke(tid)
+        except KeyError:
+            raise NotFoundError(f"no token {tid[:40]!r}") from None
+        killed, kill_ms = self._kill_token(tok.id, "revoked", p)
+        self._record("token_revoke", p, resource=tok.id, details={"sandboxes": killed,
+                                                                  "kill_ms": kill_ms})
+        return web.json_response({**tok.public(), "killed": killed, "kill_ms": kill_ms})
+
+    def _kill_token(self, tid: str, why: str, p=None) -> tuple[int, float]:
+        recs = [r for r in self.registry.of_token(tid) if r.state != "destroying"]
+        kill_ms = self._kill_now(recs)
+        for r in recs:
+            if r.handle is not None:
+                self._spawn(self._destroy(r, f"token {why}", p))
+        log.info("token %s %s: killed %d sandboxes in %.3f ms", tid, why, len(recs), kill_ms)
+        return len(recs), kill_ms
+
+    def _arm_token_timer(self, tok):
+        if not tok.active():
+            return
+        loop = asyncio.get_running_loop()
+
+        def expire():
+            self._token_timers.pop(tok.id, None)
+            n, ms = self._kill_token(tok.id, "expired")
+            self._record("token_expire", None, resource=tok.id, details={"sandboxes": n,
+                                                                         "kill_ms": ms})
+        # call_later caps long delays fine; re-check at fire time in case of clock jumps.
+        self._token_timers[tok.id] = loop.call_later(max(0.0, tok.expires - time.time()), expire)
+
+    # -- audit ----------------------------------------------------------------------------
+    async def audit_query(self, request):
+        """Audit records (the audit engineer's sandbox.audit.query.query), oldest first."""
+        self._need_admin(request)
+        unknown = set(request.query) - {"sandbox", "action", "since_seq", "limit"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+        q = request.query
+        try:
+            limit = int(q.get("limit", "100"))
+            since = int(q.get("since_seq", "0"))
+        except ValueError:
+            raise BadRequest("limit and since_seq: integers") from None
+        if not 1 <= limit <= 10000 or since < 0:
+            raise BadRequest("limit: between 1 and 10000; since_seq: 0 or more")
+        if getattr(self.audit, "dir", None) is None:
+            return web.json_response({"records": []})
+        from sandbox.audit.query import query
+        flush = getattr(self.audit, "flush_async", None)
+        if flush:
+            await flush()
+        records = await call_blocking(query, self.audit.dir, sandbox=q.get("sandbox"),
+                                      action=q.get("action"), since_seq=since, limit=limit)
+        return web.json_response({"records": json.loads(json.dumps(records, default=str))})
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def _make_socket(self) -> socket.socket:
+        path = Path(self.config.socket_path)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise SandboxError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+                raise SandboxError(f"another daemon is listening on {path}")
+            except (ConnectionRefusedError, FileNotFoundError):
+                path.unlink()
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)          # born 0600: no window where others could connect
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        gid = group_id(self.config.client_group)
+        if gid is None:
+            log.warning("group %r does not exist: socket %s is root-only (0600); run "
+                        "scripts/install-systemd to create it", self.config.client_group, path)
+        else:
+            os.chown(path, 0 if os.geteuid() == 0 else -1, gid)
+            os.chmod(path, 0o660)
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self):
+        _raise_nofile()
+        os.environ.pop("SANDBOXD_TOKEN", None)
+        self._runner = web.AppRunner(self.app, access_log=None,
+                                     keepalive_timeout=self.config.idle_timeout,
+                                     handle_signals=False)
+        await self._runner.setup()
+        sock = self._make_socket()
+        inner = self._runner.server
+        loop = asyncio.get_running_loop()
+
+        def factory():
+            if self.open_conns >= self.config.max_connections:
+                self.metrics.denials["connections"] += 1
+                return _Refuse()
+            return _Conn(self, inner())
+        self._server = await loop.create_unix_server(factory, sock=sock)
+        for tok in self.tokens.list():
+            self._arm_token_timer(tok)
+        self._sweeper = loop.create_task(self._sweep())
+        self._record("daemon_start", None, details={"socket": str(self.config.socket_path),
+                                                    "pid": os.getpid()})
+        log.info("listening on %s", self.config.socket_path)
+
+    async def _sweep(self):
+        """Close connections that idle or send a request too slowly (slowloris)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.config.header_timeout / 2))
+            now = time.monotonic()
+            for conn in list(self.conns.values()):
+                if conn.inflight:
+                    continue
+                if ((conn.pending_since is not None
+                     and now - conn.pending_since > self.config.header_timeout)
+                        or now - conn.last > self.config.idle_timeout):
+                    conn.transport.close()
+
+    async def stop(self):
+        if self._sweeper:
+            self._sweeper.cancel()
+        for t in self._token_timers.values():
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+        recs = self.registry.all()
+        if recs:
+            self._kill_now(recs)
+            await asyncio.gather(*(self._destroy(r, "daemon stopping") for r in recs
+                                   if r.handle is not None), return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        try:
+            os.unlink(self.config.socket_path)
+        except FileNotFoundError:
+            pass
+        self._record("daemon_stop", None, details={"pid": os.getpid()})
+
+
+class _Emitter:
+    """Writes NDJSON events; a client that went away stops receiving, the scan goes on."""
+
+    def __init__(self, resp: web.StreamResponse):
+        self.resp = resp
+        self.gone = False
+
+    async def send(self, event: dict):
+        if self.gone:
+            return
+        try:
+            await self.resp.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        except (ConnectionResetError, RuntimeError, ConnectionError):
+            self.gone = True
+
+
+def _parse_ceiling(raw: dict) -> dict:
+    from sandbox.policy.units import parse_duration, parse_size
+    out = {}
+    for k, v in raw.items():
+        if k not in CEILING_FIELDS:
+            raise BadRequest(f"ceiling.{k}: unknown (known: {', '.join(CEILING_FIELDS)})")
+        try:
+            if isinstance(v, str) and k in ("memory", "disk"):
+                v = parse_size(v)
+            elif isinstance(v, str) and k == "timeout":
+                v = parse_duration(v)
+        except ValueError as e:
+            raise BadRequest(f"ceiling.{k}: {e}") from None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0 or v != v:
+            raise BadRequest(f"ceiling.{k}: must be a positive number")
+        out[k] = v
+    return out
+
+
+def _raise_nofile():
+    """Thousands of idle clients need thousands of fds: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
