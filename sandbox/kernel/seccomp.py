@@ -79,7 +79,8 @@ FIXED_DENY: dict[str, str] = {
     "request_key": "kernel keyrings are not namespaced (keyrings(7))",
     "bpf": "eBPF verifier bugs are a steady source of privilege escalation (CVE-2021-3490)",
     "perf_event_open": "kernel profiling; side channels and repeated CVEs (CVE-2023-2235)",
-    "userfaultfd": "makes kernel races reliably winnable (CVE-2016-5195 exploits, userfaultfd(2))",
+    "userfaultfd": "stalls kernel copies at will, making kernel races winnable (the reason for the "
+                   "vm.unprivileged_userfaultfd sysctl, Documentation/admin-guide/mm/userfaultfd.rst)",
     "kexec_load": "replaces the running kernel (kexec_load(2))",
     "kexec_file_load": "replaces the running kernel (kexec_load(2))",
     "init_module": "loads kernel code (init_module(2))",
@@ -350,7 +351,7 @@ def resolve_rules(sec) -> Rules:
     allow = (set(from_groups) | set(sec.allow) | set(REQUIRED)) - denied
     deny = (set(FIXED_DENY) - set(ARG_FILTERED)) | denied
     return Rules(tuple(sorted(allow)), tuple(sorted(deny)), tuple(sorted(set(sec.socket_families))),
-                 bool(getattr(sec, "notify", True)))
+                 sec.notify)
 
 
 # --------------------------------------------------------------------------- compiler
@@ -583,7 +584,7 @@ def make_step(ctx):
     sec = ctx.policy.seccomp
 
     def do():
-        notify = bool(getattr(sec, "notify", True))
+        notify = sec.notify
         if notify and not user_notif_supported():
             raise UnsupportedError("seccomp user notification is not available on this kernel, so "
                                    "violations cannot be reported; set seccomp.notify = false")

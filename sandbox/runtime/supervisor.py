@@ -86,43 +86,22 @@ _ARCH_NAMES = {seccomp.AUDIT_ARCH_X86_64: "x86_64", seccomp.AUDIT_ARCH_I386: "i3
 class SeccompSupervisor:
     """Watches the listener fds of one sandbox's commands on an asyncio loop."""
 
-    def __init__(self, sandbox_id: str, *, audit: AuditSink = NULL_SINK, probe_threshold: int = 10,
-                 loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, sandbox_id: str, *, audit: AuditSink = NULL_SINK, probe_threshold: int = 10):
         self.sandbox_id = sandbox_id
         self.audit = audit
         self.probe_threshold = probe_threshold
         self.denials = 0
         self.escalated = False
-        self._loop = loop
-        self._fds: set[int] = set()
+        self._fds: dict[int, asyncio.AbstractEventLoop] = {}   # listener fd -> its loop
 
-    # -- hand-off from the engine
-    def watch(self, fd: int) -> None:
-        """Take ownership of a listener fd (it is closed by the supervisor). Call it on the
-        loop's thread, or from another thread once a loop was given/bound."""
-        loop = self._bind_loop()
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._add(fd)
-        else:
-            loop.call_soon_threadsafe(self._add, fd)
-
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        if self._loop is None:
-            try:
-                self._loop = asyncio.get_running_loop()
-            except RuntimeError:
-                raise RuntimeError("SeccompSupervisor.watch needs a running event loop "
-                                   "(or a loop given at construction)") from None
-        return self._loop
-
-    def _add(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._fds.add(fd)
-        self._loop.add_reader(fd, self._on_readable, fd)
+    # -- hand-off from the engine (SandboxContext.seccomp_listener)
+    def watch(self, fd: int, pid: int | None = None) -> None:
+        """Take ownership of the listener fd of one command (pid: its process, for the
+        record). Must be called on the thread of a running event loop; the supervisor
+        closes the fd when no process uses the filter any more, or in close()."""
+        loop = asyncio.get_running_loop()
+        self._fds[fd] = loop
+        loop.add_reader(fd, self._on_readable, fd)
 
     def watching(self) -> int:
         return len(self._fds)
@@ -134,11 +113,12 @@ class SeccompSupervisor:
             self._unwatch(fd)
 
     def _unwatch(self, fd: int) -> None:
-        if fd in self._fds:
-            self._fds.discard(fd)
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.remove_reader(fd)
-            os.close(fd)
+        loop = self._fds.pop(fd, None)
+        if loop is None:
+            return
+        if not loop.is_closed():
+            loop.remove_reader(fd)
+        os.close(fd)
 
     # -- the notification path
     def _on_readable(self, fd: int) -> None:
@@ -199,3 +179,24 @@ def _poll_now(fd: int) -> int:
     p.register(fd, select.POLLIN)
     events = p.poll(0)
     return events[0][1] if events else 0
+
+
+def make_step(ctx):
+    """The engine's "supervisor" step: one supervisor per sandbox, fed each command's
+    listener through ctx.seccomp_listener; the undo closes every listener."""
+    from sandbox.runtime.lifecycle import Step
+
+    sec = ctx.policy.seccomp
+    if not sec.notify:
+        return None
+
+    def do():
+        sup = SeccompSupervisor(ctx.id, audit=ctx.audit, probe_threshold=sec.probe_threshold)
+        ctx.seccomp_listener = sup.watch
+        return sup
+
+    def undo(sup):
+        ctx.seccomp_listener = None
+        sup.close()
+
+    return Step("supervisor", do, undo, describe="answer and audit the seccomp notifications")

@@ -1,0 +1,77 @@
+"""The supervisor's decoding, answers and audit records (no root, no kernel listener)."""
+from __future__ import annotations
+
+import errno
+
+from sandbox.audit.sink import MemorySink
+from sandbox.kernel import seccomp
+from sandbox.runtime import supervisor as sv
+
+
+def _notif(nr, args=(0,) * 6, arch=seccomp.AUDIT_ARCH_X86_64, nid=7, pid=42):
+    return sv.NOTIF.pack(nid, pid, 0, nr, arch, 0x401000, *args)
+
+
+def test_struct_sizes_match_the_kernel_uapi():
+    assert sv.NOTIF.size == 80 and sv.NOTIF_RESP.size == 24
+    assert sv.SECCOMP_IOCTL_NOTIF_RECV == 0xC0502100
+    assert sv.SECCOMP_IOCTL_NOTIF_SEND == 0xC0182101
+
+
+def test_answer_is_eperm_and_never_continue():
+    nid, val, error, flags = sv.NOTIF_RESP.unpack(sv.deny_response(99))
+    assert (nid, val, error) == (99, 0, -errno.EPERM)
+    assert flags == 0  # SECCOMP_USER_NOTIF_FLAG_CONTINUE would let the syscall run
+
+
+def test_describe_names_the_syscall_and_the_arguments_that_matter():
+    n = sv.decode(_notif(seccomp.resolve("socket"), (16, 3, 9, 0, 0, 0)))
+    d = sv.describe(n)
+    assert d["syscall"] == "socket" and d["pid"] == 42 and d["arch"] == "x86_64"
+    assert d["args"] == {"family": 16, "type": 3, "protocol": 9, "family_name": "netlink"}
+    c = sv.describe(sv.decode(_notif(seccomp.resolve("clone"), (0x10000011,) + (0,) * 5)))
+    assert c["args"] == {"flags": 0x10000011}
+    m = sv.describe(sv.decode(_notif(seccomp.resolve("mount"))))
+    assert "args" in m and m["args"]["flags"] == 0
+
+
+def test_foreign_arch_records_raw_args():
+    d = sv.describe(sv.decode(_notif(20, (1, 2, 3, 0, 0, 0), arch=seccomp.AUDIT_ARCH_I386)))
+    assert d["syscall"] == "i386:getpid" and d["arch"] == "i386" and d["args"]["raw"][:3] == [1, 2, 3]
+
+
+def test_escalation_once_past_the_threshold():
+    sink = MemorySink()
+    sup = sv.SeccompSupervisor("sbxt-unit", audit=sink, probe_threshold=2)
+    n = sv.decode(_notif(seccomp.resolve("ptrace")))
+    for _ in range(5):
+        sup._record(n, answered=True)
+    assert sup.denials == 5
+    assert len(sink.find("seccomp_violation", syscall="ptrace")) == 5
+    esc = sink.find("escalation")
+    assert len(esc) == 1
+    assert esc[0]["details"]["kind"] == "boundary_probing" and esc[0]["details"]["denials"] == 3
+
+
+def test_dead_target_is_still_recorded():
+    sink = MemorySink()
+    sup = sv.SeccompSupervisor("sbxt-unit", audit=sink)
+    sup._record(sv.decode(_notif(seccomp.resolve("bpf"))), answered=False)
+    (rec,) = sink.find("seccomp_violation", syscall="bpf")
+    assert rec["details"]["target_gone"] is True and rec["outcome"] == "denied"
+
+
+def test_make_step_wires_the_listener_hand_off():
+    from sandbox.policy import load_policy
+
+    class Ctx:
+        id = "sbxt-unit"
+        policy = load_policy("default")
+        audit = MemorySink()
+        seccomp_listener = None
+
+    step = sv.make_step(Ctx)
+    sup = step.do()
+    assert Ctx.seccomp_listener == sup.watch
+    step.undo(sup)
+    assert Ctx.seccomp_listener is None
