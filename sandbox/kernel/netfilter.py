@@ -443,3 +443,13 @@ class NflogReader:
 
     def close(self):
         self.sock.close()
+
+
+def cleanup_nft(fields: dict):
+    """Crash recovery for intent kind `nft`: delete the sandbox's table (its chains, rules
+    and sets go with it) in the daemon's netns; idempotent, verifies it is gone."""
+    from sandbox.kernel import network
+    network.HostSide.get().call(network.cleanup_table_now, fields["table"])
+
+
+cleanup = cleanup_nft  # the name runtime/recovery.py looks up

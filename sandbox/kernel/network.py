@@ -343,8 +343,11 @@ def setup(ctx, cfg: NetConfig | None = None) -> NetHandle:
                              details={"left": failures})
         raise
     ctx.plan.netns_fd = h.netns_fd
-    ctx.resolver_ip = h.resolver_ip
-    ctx.network = h
+    if h.resolver_ip:
+        ctx.nameservers = (h.resolver_ip,)   # the engine writes them to /etc/resolv.conf
+    extra = getattr(ctx, "extra", None)
+    if extra is not None:
+        extra["network"] = h                 # usage(): extra["network"].usage()
     return h
 
 
