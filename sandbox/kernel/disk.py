@@ -19,6 +19,8 @@ template's data extents (SEEK_DATA/SEEK_HOLE + copy_file_range, a few MiB), atta
 device with LOOP_CTL_GET_FREE + LOOP_CONFIGURE (one ioctl, LO_FLAGS_AUTOCLEAR so the device
 detaches itself when the last mount of it goes) and mounts it nosuid,nodev.
 
+The daemon-made workspace lives on the image too (the engine makes workspace/ there, owned
+by the sandbox's uid); with keep_workspace it is copied out before the image goes.
 A host workspace directory (a caller's existing tree) cannot be bounded by this image
 without changing where the agent's writes land. `limits.host_workspace` decides:
 "refuse" (the default: fail closed) or "unbounded" (the operator accepts that writes to
@@ -237,10 +239,9 @@ class SandboxDisk:
             raise TeardownError("sandbox disk not fully removed", leftovers=left)
 
 
-def create(name: str, size: int, *, base: Path = DEFAULT_BASE, owner: tuple[int, int] = (0, 0),
-           intent=None) -> SandboxDisk:
+def create(name: str, size: int, *, base: Path = DEFAULT_BASE, intent=None) -> SandboxDisk:
     """Make, attach and mount a `size`-byte ext4 disk for sandbox `name`, with tmp/ (1777)
-    and workspace/ (owned by `owner`, the sandbox's host uid/gid) inside."""
+    inside. workspace/ is left to the engine, which makes it owned by the sandbox's uid."""
     if "/" in name or name in ("", ".", ".."):
         raise MountError(f"not a valid disk name: {name!r}")
     base = Path(base)
@@ -266,8 +267,6 @@ def create(name: str, size: int, *, base: Path = DEFAULT_BASE, owner: tuple[int,
         os.chmod(mnt, 0o755)
         (mnt / "tmp").mkdir(mode=0o1777)
         os.chmod(mnt / "tmp", 0o1777)               # mkdir's mode is cut by the umask
-        (mnt / "workspace").mkdir(mode=0o755)
-        os.chown(mnt / "workspace", *owner)
     except BaseException:
         try:
             disk.remove()
@@ -284,11 +283,12 @@ def cleanup(fields: dict):
 
 
 def make_step(ctx):
-    """The 'disk' step: a bounded disk for /tmp and a daemon-made workspace (ctx.disk).
-    With limits.disk = 0 there is no disk (the step does nothing). The engine binds
-    ctx.disk.tmp_dir as /tmp and, when it was given no host workspace, ctx.disk.workspace_dir
-    as the workspace. `ctx.disk_base` (tests) overrides where images live; `ctx.disk_owner`
-    is the (uid, gid) on the host that owns workspace/."""
+    """The 'disk' step: a bounded disk for /tmp and the daemon-made workspace. Sets
+    ctx.disk (the SandboxDisk), ctx.tmp_dir (bound as /tmp) and ctx.workspace_dir (where the
+    engine makes the workspace when it was given no host directory). With limits.disk = 0
+    the step does nothing. `ctx.disk_base` (tests) overrides where images live.
+    keep_workspace: the workspace is copied out to state_dir/workspaces/<id> before the
+    disk goes (cp -a: symlinks are copied as links, never followed)."""
     from sandbox.runtime.lifecycle import Step
 
     limits = ctx.policy.limits
@@ -299,16 +299,32 @@ def make_step(ctx):
             return None
         check_host_workspace(limits, getattr(ctx, "workspace", None))
         disk = create(ctx.id, limits.disk, base=Path(getattr(ctx, "disk_base", None) or DEFAULT_BASE),
-                      owner=getattr(ctx, "disk_owner", None) or (0, 0),
                       intent=getattr(ctx, "intent", None))
         ctx.disk = disk
+        ctx.tmp_dir = str(disk.tmp_dir)
+        if not getattr(ctx, "workspace", None):
+            ctx.workspace_dir = str(disk.workspace_dir)
         return disk
 
     def undo(disk):
-        if disk is not None:
-            disk.remove()
+        if disk is None:
+            return
+        if getattr(ctx, "keep_workspace", False) and disk.workspace_dir.exists():
+            keep_copy(disk.workspace_dir, Path(ctx.state_dir) / "workspaces" / ctx.id)
+        disk.remove()
 
     return Step("disk", do, undo, describe="bounded disk for /tmp and the workspace")
+
+
+def keep_copy(src: Path, dst: Path):
+    """Copy a kept workspace off the disk before it is destroyed (owners and modes kept)."""
+    dst.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if dst.exists():
+        raise MountError(f"cannot keep the workspace: {dst} already exists")
+    r = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, text=True,
+                       timeout=3600)
+    if r.returncode != 0:
+        raise MountError(f"cannot keep the workspace in {dst}: {r.stderr.strip()[:200]}")
 
 
 def check_host_workspace(limits, workspace):
