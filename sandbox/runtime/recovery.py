@@ -313,3 +313,58 @@ def _prefixed_cgroups(parent: str, id_prefix: str) -> list[Path]:
         if d.is_dir():
             found += [c for c in d.iterdir() if c.is_dir() and c.name.startswith(id_prefix)]
     return sorted(set(found))
+
+
+# ---- proving nothing is left (crash tests, soak, doctor) ----------------------------------
+
+def find_leftovers(state_dir: Path, *, id_prefix: str, cgroup_parent: str | None = None,
+                   network_check: bool = False) -> list[str]:
+    """Everything of sandboxes named `<id_prefix>...` still on the host: intent records,
+    sandbox/workspace directories and disk images in `state_dir`, mounts under it, cgroups,
+    processes in those cgroups, and (network_check) netns, veths, nft tables in the network
+    module's configured host netns. Empty when teardown or recovery was complete."""
+    state_dir = Path(state_dir)
+    left = [f"intent {p}" for p in list_intents(state_dir)]
+    for sub in ("sandboxes", "workspaces", "disks"):
+        d = state_dir / sub
+        if d.is_dir():
+            left += [f"{sub} {p}" for p in d.iterdir() if p.name.startswith(id_prefix)]
+    left += [f"mount {m}" for m in _mounts_under(str(state_dir))]
+    from sandbox.kernel import cgroups
+    parent = cgroup_parent or cgroups.DEFAULT_PARENT
+    left += [f"cgroup {c}" for c in _prefixed_cgroups(parent, id_prefix)]
+    needle = f"/{parent}/{id_prefix}".encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "cgroup").read_bytes() and _proc_state(int(proc.name)) != "Z":
+                    left.append(f"process {proc.name}")
+            except OSError:
+                pass
+    if network_check:
+        left += _network_leftovers(id_prefix)
+    return left
+
+
+def _network_leftovers(id_prefix: str) -> list[str]:
+    from sandbox.kernel import network
+    from sandbox.kernel.netfilter import Firewall, table_name
+    cfg = network.CONFIG
+    left = []
+    if os.path.isdir(cfg.netns_dir):
+        left += [f"netns {n}" for n in os.listdir(cfg.netns_dir)
+                 if n.startswith(network.netns_name(id_prefix, cfg))]
+
+    def in_host():
+        out = []
+        fw = Firewall()
+        try:
+            out += [f"nft {t}" for t in fw.tables(prefix=table_name(id_prefix))]
+        finally:
+            fw.close()
+        import contextlib
+        with contextlib.closing(network._ipr()) as ipr:
+            out += [f"link {l.get_attr('IFLA_IFNAME')}" for l in ipr.get_links()
+                    if (l.get_attr("IFLA_IFNAME") or "").startswith(cfg.prefix)]
+        return out
+    return left + network.HostSide.get().call(in_host)
