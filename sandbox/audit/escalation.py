@@ -119,6 +119,13 @@ class Escalations:
         with self._lock:
             return self._raise(sandbox_id, "teardown_failed", {"leftovers": list(leftovers)[:20]})
 
+    def watch(self, sink) -> "WatchingSink":
+        """A sink that passes every record to `sink` and feeds the triggers it implies:
+        a record with outcome "denied" is a denial, an "exec" record with an exit_code is a
+        command's end. Give it to the engine as its audit sink and denials from the seccomp
+        supervisor, the network and DNS reach the boundary-probing trigger on their own."""
+        return WatchingSink(sink, self)
+
     # -- operators -------------------------------------------------------------------------
 
     def list(self, all: bool = False, sandbox: str | None = None) -> list[dict]:  # noqa: A002
@@ -187,6 +194,26 @@ class Escalations:
     def _save(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_json(self.path, {"version": 1, "escalations": self._items})
+
+
+class WatchingSink:
+    """See Escalations.watch(). Everything else (record_async, flush...) is the inner sink's."""
+
+    def __init__(self, inner, escalations: Escalations):
+        self.inner = inner
+        self.escalations = escalations
+
+    def record(self, action, **kw):
+        rec = self.inner.record(action, **kw)
+        sid, details = kw.get("sandbox"), kw.get("details") or {}
+        if sid and kw.get("outcome") == "denied":
+            self.escalations.observe_denial(sid, action, {"resource": kw.get("resource")})
+        elif sid and action == "exec" and "exit_code" in details:
+            self.escalations.observe_exit(sid, details["exit_code"])
+        return rec
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _small(detail: dict | None) -> dict:
