@@ -55,8 +55,11 @@ LO_FLAGS_AUTOCLEAR = 4
 _LOOP_INFO64 = "=QQQQQIIII64s64s32sQQ"  # struct loop_info64 (232 bytes)
 _LOOP_CONFIG = "=II" + _LOOP_INFO64[1:] + "8Q"   # struct loop_config (304 bytes)
 MS_NOSUID, MS_NODEV = 0x2, 0x4
+# fs/ext4/ext4.h: EXT4_IOC_SHUTDOWN = _IOR('X', 125, __u32); NOLOGFLUSH drops dirty data
+EXT4_IOC_SHUTDOWN = 0x8004587D
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 MNT_DETACH = 2
-_WAIT_STEPS, _WAIT_SLEEP = 400, 0.005
+_WAIT_STEPS, _WAIT_SLEEP = 1000, 0.005
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
@@ -190,6 +193,23 @@ def _loop_backing(dev: str) -> str | None:
 
 # ---------------------------------------------------------------------------- the disk
 
+def _shutdown(mnt: Path):
+    """The disk's contents die with the sandbox: shut the filesystem down without writing
+    back dirty data (EXT4_IOC_SHUTDOWN, NOLOGFLUSH). Otherwise the last unmount (which may
+    happen later, when the sandbox's mount namespace goes) first writes up to the whole
+    disk through the loop device, for nothing. Best effort: unmount follows anyway."""
+    try:
+        fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("=I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class SandboxDisk:
     image: Path
@@ -213,6 +233,7 @@ class SandboxDisk:
         """Unmount, wait for the loop device to let go of the image, delete it, verify."""
         left = []
         if is_mountpoint(self.mountpoint):
+            _shutdown(self.mountpoint)
             err = _umount(self.mountpoint)
             if err == errno.EBUSY:               # a host process still in it: detach lazily;
                 err = _umount(self.mountpoint, MNT_DETACH)   # the loop frees when it leaves

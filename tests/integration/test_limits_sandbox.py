@@ -1,0 +1,153 @@
+"""Resource limits from inside a real sandbox (Sandbox API, hybrid host): the agent runs a
+fork bomb, a memory bomb, a disk filler, a CPU spinner, a sleeper past its timeout and a
+double-forking daemon; the kernel stops each, the result says why, the audit log has it,
+and destroy leaves nothing."""
+import asyncio
+import os
+import shutil
+import time
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sandbox.audit.sink import MemorySink
+from sandbox.errors import CgroupError
+from sandbox.kernel import cgroups
+from sandbox.policy import load_policy
+from tests.helpers.engine import PY, py, sh, state_dir  # noqa: F401 - fixture
+from tests.helpers.limits import FORK_BOMB, SMALL, alive, parent_name
+
+LIMITS = {"cpus": SMALL.cpus, "memory": "64MiB", "pids": SMALL.pids, "disk": "64MiB", "swap": "0"}
+
+
+@pytest.fixture
+def box(state_dir):  # noqa: F811
+    """box(**overrides) -> (sandbox, audit sink); destroyed, cgroup parent and disks removed."""
+    from sandbox.runtime.sandbox import Sandbox
+    parent, disk_base = parent_name("-lim"), Path(f"/var/tmp/sbxt-{os.getpid()}-limdisk")
+    made = []
+
+    def make(**policy_overrides):
+        sink = MemorySink()
+        pol = load_policy("default", {"limits": LIMITS, **policy_overrides})
+        sb = Sandbox.create(pol, audit=sink, state_dir=state_dir, cgroup_parent=parent,
+                            disk_base=str(disk_base))
+        made.append(sb)
+        return sb, sink
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for sb in made:
+            try:
+                sb.destroy()
+            except Exception as e:  # noqa: BLE001 - destroy every one, then report
+                errors.append(e)
+        try:
+            cgroups.driver_for(parent=parent).remove_parent()
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+        shutil.rmtree(disk_base, ignore_errors=True)
+        if errors:
+            raise errors[0]
+
+
+def _exec_records(sink, outcome):
+    return [r for r in sink.records if r["action"] == "exec" and r["outcome"] == outcome]
+
+
+def test_fork_bomb_stops_at_the_pids_limit_and_host_stays_responsive(box):
+    sb, sink = box()
+    res = sh(sb, FORK_BOMB.replace("sleep 30", "sleep 2; echo bomb-done"), timeout=20)
+    ev, use = sb.ctx.cgroup.events(), sb.usage()
+    assert ev["pids_max_hits"] > 0, "the fork bomb never hit pids.max"
+    assert use["pids_peak"] <= SMALL.pids
+    assert subprocess.run(["/bin/true"], timeout=10).returncode == 0   # the host still forks
+    assert sb.ctx.cgroup.reason_text(ev) == f"stopped: process limit {SMALL.pids} reached"
+    assert res.reason in ("exited", "pids", "timeout")
+    sb.destroy()
+    assert not any(p.exists() for p in sb.ctx.cgroup.paths())
+
+
+def test_memory_bomb_is_oom_killed_and_reported(box):
+    sb, sink = box()
+    res = py(sb, "b = [bytearray(1 << 20) for _ in range(1024)]\nprint('survived')", timeout=60)
+    assert b"survived" not in res.stdout
+    assert res.reason == "oom" and res.signal == 9
+    assert res.text == "killed: memory limit 64 MiB reached"
+    assert res.usage["memory_peak"] <= SMALL.memory
+    assert _exec_records(sink, "oom"), "the OOM kill is not in the audit log"
+
+
+@pytest.mark.parametrize("where", ["/tmp", "/home/agent/workspace"])
+def test_disk_filler_gets_enospc_at_the_limit(box, where):
+    sb, _ = box()
+    res = sh(sb, f"dd if=/dev/zero of={where}/fill bs=1M count=1000 2>&1; echo rc=$?", timeout=60)
+    assert b"No space left on device" in res.stdout and b"rc=1" in res.stdout
+    image = sb.ctx.disk.image
+    assert image.stat().st_blocks * 512 <= SMALL.disk      # the host held no more than the limit
+    res = sh(sb, f"stat -c %s {where}/fill")
+    assert int(res.stdout) <= SMALL.disk
+
+
+def test_cpu_spinner_gets_about_half_a_cpu(box):
+    """Sampled over 2 s while the spinner runs (not its start-up)."""
+    sb, _ = box()
+    spin = "import time\nend = time.monotonic() + 4\nwhile time.monotonic() < end: pass\n"
+
+    async def measure():
+        run = asyncio.ensure_future(sb.exec([PY, "-c", spin], timeout=30))
+        await asyncio.sleep(1.0)
+        c0, t0 = sb.usage()["cpu_seconds"], time.monotonic()
+        await asyncio.sleep(2.0)
+        share = (sb.usage()["cpu_seconds"] - c0) / (time.monotonic() - t0)
+        return share, await run
+
+    share, res = asyncio.run(measure())
+    assert res.reason == "exited"
+    assert 0.35 <= share <= 0.65, f"spinner under a 0.5-CPU quota got {share:.2f} CPU"
+
+
+def test_sleeper_is_killed_at_its_timeout_with_the_reason(box):
+    sb, sink = box()
+    res = sh(sb, "sleep 300", timeout=1)
+    assert res.reason == "timeout" and "time limit" in res.text
+    assert sb.ctx.cgroup.pids() == [], "processes survived the timeout"
+    assert _exec_records(sink, "timeout")
+
+
+def test_double_fork_and_detach_is_killed_on_destroy(box):
+    sb, _ = box()
+    res = sh(sb, "(setsid sleep 1000 >/dev/null 2>&1 &); echo started")
+    assert res.stdout.strip() == b"started"
+    inside = [p for p in sb.ctx.cgroup.pids() if p != sb.init_pid]
+    assert inside and all(alive(p) for p in inside), "the detached sleeper should be running"
+    sb.destroy()
+    assert not any(alive(p) for p in inside), "a detached process survived destroy"
+    assert not any(p.exists() for p in sb.ctx.cgroup.paths())
+    assert not sb.ctx.disk.image.exists()
+
+
+@pytest.mark.parametrize("missing", ["pids", "memory"])
+def test_policy_asking_for_a_missing_controller_is_refused(box, state_dir, monkeypatch, missing):  # noqa: F811
+    real = cgroups.host_layout()
+    fake = cgroups.Layout(real.kind, real.unified, real.v2_controllers,
+                          {k: v for k, v in real.v1.items() if k != missing}, real.swap_bytes)
+    monkeypatch.setattr(cgroups, "host_layout", lambda: fake)
+    with pytest.raises(CgroupError, match=f"controller '{missing}'"):
+        box()
+    assert not list(state_dir.glob("sandboxes/*")), "the refused sandbox left its state"
+    lim_parent = parent_name("-lim")
+    for root in ("memory", "pids", "unified"):
+        d = Path("/sys/fs/cgroup", root, lim_parent)
+        assert not d.exists() or not [c for c in d.iterdir() if c.is_dir()], f"cgroup left in {d}"
+
+
+def test_per_command_usage_is_reported(box):
+    sb, _ = box()
+    res = py(sb, "x = bytearray(16 * 1024 * 1024)")
+    assert res.reason == "exited"
+    assert res.usage["memory_peak"] >= 16 * 1024**2 and res.usage["cpu_seconds"] > 0
+    assert res.usage["pids_peak"] >= 1
