@@ -1,2 +1,113 @@
-"""The only importer of the cffi library; C return codes become exceptions here."""
+"""The only importer of the cffi library; C return codes become exceptions here.
+
+`SpawnPlan` -> `struct sbx_plan`, and `struct sbx_error` -> SpawnError: the single
+translation point of the C error protocol (step, errno, syscall, detail).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 from sandbox._native_lib import ffi, lib  # noqa: F401
+from sandbox.errors import SpawnError
+from sandbox.runtime.plan import SpawnPlan
+
+ABI_VERSION = 4
+if lib.sbx_abi_version() != ABI_VERSION:  # a stale build would misread the plan struct
+    raise ImportError("sandbox._native_lib is stale: rebuild with setup.py build_ext --inplace")
+
+
+@dataclass
+class Child:
+    pid: int
+    pidfd: int
+    ctl_fd: int
+
+
+def _raise(err, what: str):
+    step = ffi.string(err.step).decode() or "spawn"
+    syscall = ffi.string(err.syscall).decode() or None
+    detail = ffi.string(err.detail).decode()
+    msg = f"{what}: step {step}" + (f" ({detail})" if detail else "")
+    raise SpawnError(msg, step=step, errno=err.err or None, syscall=syscall)
+
+
+def _cstr(keep: list, s: str | None):
+    if s is None:
+        return ffi.NULL
+    b = ffi.new("char[]", s.encode())
+    keep.append(b)
+    return b
+
+
+def _c_plan(plan: SpawnPlan, keep: list):
+    p = ffi.new("struct sbx_plan *")
+    keep.append(p)
+    p.uid_base, p.gid_base, p.range = plan.uid_base, plan.gid_base, plan.range
+    p.uid, p.gid = plan.uid, plan.gid
+    p.hostname = _cstr(keep, plan.hostname)
+    p.root = _cstr(keep, plan.root)
+    mounts = ffi.new("struct sbx_mount[]", max(1, len(plan.mounts)))
+    keep.append(mounts)
+    for i, m in enumerate(plan.mounts):
+        c = mounts[i]
+        c.kind, c.opts = m.kind, lib.SBX_M_OPTIONAL if m.optional else 0
+        c.src, c.dst, c.data = _cstr(keep, m.src), _cstr(keep, m.dst), _cstr(keep, m.data or None)
+        c.flags, c.attr_set, c.fd, c.mode, c.uid, c.gid = (m.flags, m.attr_set, m.fd, m.mode,
+                                                           m.uid, m.gid)
+    p.mounts, p.n_mounts = mounts, len(plan.mounts)
+    p.rlim_nofile, p.rlim_core, p.rlim_fsize = plan.rlim_nofile, plan.rlim_core, plan.rlim_fsize
+    p.netns_fd = -1 if plan.netns_fd is None else plan.netns_fd
+    p.cgroup2_fd = -1 if plan.cgroup2_fd is None else plan.cgroup2_fd
+    procs = [_cstr(keep, s) for s in plan.cgroup_v1_procs]
+    arr = ffi.new("const char *[]", procs or [ffi.NULL])
+    keep.append(arr)
+    p.cgroup_v1_procs, p.n_cgroup_v1 = arr, len(procs)
+    if plan.seccomp_bpf:
+        if len(plan.seccomp_bpf) % 8:
+            raise SpawnError("seccomp program is not a whole number of struct sock_filter",
+                             step="seccomp")
+        bpf = ffi.new("char[]", plan.seccomp_bpf)
+        keep.append(bpf)
+        p.seccomp_bpf, p.seccomp_bpf_len = bpf, len(plan.seccomp_bpf)
+    p.seccomp_notify = int(plan.seccomp_notify)
+    p.test_fail_step = plan.test_fail_step
+    return p
+
+
+def spawn(plan: SpawnPlan) -> Child:
+    """clone3 the sandbox's init with the plan; returns once init is confined and serving."""
+    keep: list = []
+    cplan = _c_plan(plan, keep)
+    out = ffi.new("struct sbx_child *")
+    err = ffi.new("struct sbx_error *")
+    if lib.sbx_spawn(cplan, out, err) < 0:
+        _raise(err, "cannot start the sandbox")
+    return Child(out.pid, out.pidfd, out.ctl_fd)
+
+
+def make_userns(uid_map: str, gid_map: str) -> int:
+    """An fd of a fresh user namespace with exactly these maps (for idmapped mounts)."""
+    err = ffi.new("struct sbx_error *")
+    fd = lib.sbx_make_userns(uid_map.encode(), gid_map.encode(), err)
+    if fd < 0:
+        _raise(err, "cannot make the id-mapping user namespace")
+    return fd
+
+
+def idmapped_tree(path: str, userns_fd: int, recursive: bool = True) -> int:
+    """A detached mount of `path` seen through `userns_fd`'s maps (open_tree + mount_setattr)."""
+    err = ffi.new("struct sbx_error *")
+    fd = lib.sbx_idmapped_tree(path.encode(), userns_fd, int(recursive), err)
+    if fd < 0:
+        _raise(err, f"cannot make an idmapped mount of {path}")
+    return fd
+
+
+def open_tree(path: str) -> int:
+    """A detached recursive copy of a host directory (open_tree(OPEN_TREE_CLONE)), for the
+    child to attach: it cannot walk host paths under root-only directories."""
+    return idmapped_tree(path, -1, True)
+
+
+def cap_last_cap() -> int:
+    return lib.sbx_cap_last_cap()

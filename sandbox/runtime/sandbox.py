@@ -1,0 +1,531 @@
+"""The engine's API: Sandbox.create / exec / freeze / thaw / kill / destroy (docs/internals.md).
+
+create() runs a flat list of named steps (sandbox/runtime/lifecycle.py), each with its undo:
+state dir + intent record -> uid range -> cgroup -> disk -> network -> seccomp -> rootfs plan
+-> spawn init -> supervisor. Any failure unwinds what was done. destroy() unwinds the
+same list and verifies that nothing is left: init gone, no mount, no directory.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import select
+import shutil
+import signal
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sandbox import _native
+from sandbox.audit.sink import NULL_SINK, AuditSink
+from sandbox.errors import SandboxError, TeardownError, UnsupportedError
+from sandbox.kernel import mounts, userns
+from sandbox.runtime import io as cio
+from sandbox.runtime import uidrange
+from sandbox.runtime.intent import Intent, proc_starttime
+from sandbox.runtime.lifecycle import Lifecycle, Step
+from sandbox.runtime.plan import (ATTR_LOCKDOWN, ATTR_NODEV, ATTR_NOSUID, ATTR_RDONLY, BIND_FD,
+                                  MountOp, SpawnPlan)
+
+WORKSPACE = "/home/agent/workspace"
+DEFAULT_STATE_DIR = Path("/run/sandboxd")
+
+# Facility steps, in order, from modules built by other engineers. TEMPORARY tolerance: a
+# module that does not exist yet or has no make_step is skipped; the lead makes each one
+# mandatory at integration (then a missing facility must stop the sandbox from starting).
+FACILITY_MODULES = ("sandbox.kernel.cgroups", "sandbox.kernel.disk", "sandbox.kernel.network",
+                    "sandbox.kernel.seccomp")
+SUPERVISOR_MODULE = "sandbox.runtime.supervisor"
+
+
+@dataclass
+class ExecResult:
+    exit_code: int | None
+    signal: int | None
+    reason: str                # exited | signaled | timeout | oom | pids | killed | exec_failed
+    text: str                  # a human sentence for the reason
+    usage: dict
+    duration: float
+    stdout: bytes = b""        # collected only when exec() got no on_output
+    stderr: bytes = b""
+
+    @property
+    def status(self) -> int:
+        """Shell-style status: the exit code, or 128+signal."""
+        if self.exit_code is not None:
+            return self.exit_code
+        return 128 + (self.signal or signal.SIGKILL)
+
+
+@dataclass
+class SandboxContext:
+    id: str
+    policy: Any
+    plan: SpawnPlan
+    audit: AuditSink
+    state_dir: Path
+    intent: Any = None
+    dir: Path | None = None              # state_dir/sandboxes/<id>
+    uidrange: uidrange.UidRange | None = None
+    cgroup: Any = None                   # set by the cgroup step (kill/freeze/thaw/usage/reason)
+    workspace: str | None = None         # caller's host dir, or None
+    context: str | None = None
+    shared: str | None = None
+    keep_workspace: bool = False
+    tmp_dir: str | None = None           # the disk step may give /tmp a host directory
+    workspace_dir: str | None = None     # the disk step may give the auto workspace a home
+    nameservers: tuple = ()              # the network step's resolver for /etc/resolv.conf
+    seccomp_listener: Callable[[int, int], None] | None = None  # supervisor: (fd, pid)
+    mount_fds: list = field(default_factory=list)
+    pidfd: int | None = None
+    init_pid: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _optional_step(module: str, ctx: SandboxContext) -> Step | None:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None
+        raise
+    make = getattr(mod, "make_step", None)
+    return make(ctx) if make else None
+
+
+# ---- the engine's own steps ------------------------------------------------------------
+
+def _state_step(ctx: SandboxContext) -> Step:
+    def do():
+        ctx.intent = Intent.create(ctx.state_dir, ctx.id, {"policy": ctx.policy.name})
+        ctx.dir = ctx.intent.dir
+        for sub in ("root", "etc"):
+            (ctx.dir / sub).mkdir(mode=0o755)
+        return ctx.dir
+
+    def undo(d: Path):
+        left = mounts.mounts_under(str(d))
+        if left:  # never rmtree into a mount
+            raise TeardownError("mounts left in the sandbox directory", leftovers=left)
+        for sub in ("root", "etc"):
+            shutil.rmtree(d / sub, ignore_errors=True)
+        ctx.intent.close()
+        if d.exists():
+            raise TeardownError("sandbox directory not removed", leftovers=[str(d)])
+
+    return Step("state", do, undo, describe="state directory and intent record")
+
+
+def _uidrange_step(ctx: SandboxContext) -> Step:
+    def do():
+        r = uidrange.allocate(ctx.state_dir)
+        ctx.intent.add("uidrange", base=r.base)
+        ctx.uidrange = r
+        p = ctx.plan
+        p.uid_base = p.gid_base = r.base
+        p.range = r.size
+        return r
+
+    def undo(r: uidrange.UidRange):
+        r.release()
+        ctx.intent.remove("uidrange", base=r.base)
+
+    return Step("uidrange", do, undo, describe="host uid/gid range")
+
+
+def _tree_op(path: str, ctx: SandboxContext, attr: int, *, idmap: bool) -> MountOp:
+    """A host directory as a detached mount fd for the child (BIND_FD; dst set by the
+    rootfs plan). With idmap, the directory's owner appears as the agent inside while its
+    files stay owned by that owner on the host (sandbox/kernel/userns.py)."""
+    if idmap:
+        u, r = ctx.policy.user, ctx.uidrange
+        fd = userns.idmapped_dir(path, host_uid=r.host_uid(u.uid), host_gid=r.host_uid(u.gid))
+    else:
+        fd = _native.open_tree(path)
+    ctx.mount_fds.append(fd)
+    return MountOp(BIND_FD, "", fd=fd, attr_set=attr)
+
+
+def _close_mount_fds(ctx: SandboxContext):
+    while ctx.mount_fds:
+        os.close(ctx.mount_fds.pop())
+
+
+def _auto_workspace(ctx: SandboxContext) -> str:
+    base = Path(ctx.workspace_dir) if ctx.workspace_dir else ctx.state_dir / "workspaces" / ctx.id
+    ctx.intent.add("dir", path=str(base))
+    base.mkdir(parents=True, mode=0o755)
+    u, r = ctx.policy.user, ctx.uidrange
+    os.chown(base, r.host_uid(u.uid), r.host_uid(u.gid))
+    return str(base)
+
+
+def _rootfs_step(ctx: SandboxContext) -> Step:
+    fs = ctx.policy.filesystem
+    forbidden = (str(ctx.state_dir),)
+
+    def do():
+        ws_attr = ATTR_NOSUID | ATTR_NODEV | (ATTR_RDONLY if fs.workspace == "ro" else 0)
+        auto = None
+        if ctx.workspace:
+            ws = str(mounts.validate_host_dir(ctx.workspace, "workspace", forbidden))
+            ws_op = _tree_op(ws, ctx, ws_attr, idmap=True)
+        else:
+            auto = _auto_workspace(ctx)
+            ws_op = _tree_op(auto, ctx, ws_attr, idmap=False)
+        context_op = shared_op = tmp_op = None
+        if ctx.context:
+            c = str(mounts.validate_host_dir(ctx.context, "context", forbidden))
+            context_op = _tree_op(c, ctx, ATTR_LOCKDOWN, idmap=False)
+        if ctx.shared:
+            sh = mounts.validate_host_dir(ctx.shared, "shared", forbidden)
+            st = sh.stat()
+            for sub in ("incoming", "outgoing"):
+                if not (sh / sub).is_dir():
+                    (sh / sub).mkdir(mode=0o755)
+                    os.chown(sh / sub, st.st_uid, st.st_gid)
+            shared_op = _tree_op(str(sh), ctx, ATTR_NOSUID | ATTR_NODEV, idmap=True)
+        if ctx.tmp_dir:
+            tmp_op = _tree_op(ctx.tmp_dir, ctx, ATTR_NOSUID | ATTR_NODEV, idmap=False)
+        etc_ops = mounts.write_etc(ctx.dir / "etc", ctx.policy, nameservers=ctx.nameservers)
+        etc_op = _tree_op(str(ctx.dir / "etc"), ctx, 0, idmap=False)
+        ctx.plan.root = str(ctx.dir / "root")
+        ctx.plan.mounts = mounts.build_rootfs(
+            ctx.policy, etc=etc_op, etc_ops=etc_ops, workspace=ws_op, context=context_op,
+            shared=shared_op, tmp=tmp_op)
+        return auto
+
+    def undo(auto: str | None):
+        _close_mount_fds(ctx)
+        if auto and not ctx.keep_workspace:
+            shutil.rmtree(auto)
+            ctx.intent.remove("dir", path=auto)
+            if os.path.exists(auto):
+                raise TeardownError("workspace not removed", leftovers=[auto])
+
+    return Step("rootfs", do, undo, describe="filesystem plan, /etc, workspace")
+
+
+def _spawn_step(ctx: SandboxContext) -> Step:
+    def do():
+        try:
+            child = _native.spawn(ctx.plan)
+        finally:
+            _close_mount_fds(ctx)  # the child has its copies (or failed)
+        ctx.pidfd, ctx.init_pid = child.pidfd, child.pid
+        ctx.extra["init_starttime"] = proc_starttime(child.pid)
+        ctx.intent.add("process", pid=child.pid, starttime=ctx.extra["init_starttime"])
+        return child
+
+    def undo(child: _native.Child):
+        ctl = ctx.extra.pop("ctl", None)
+        if ctl is not None:
+            ctl.close()  # init exits when its control socket closes
+        else:
+            os.close(child.ctl_fd)
+        if not _wait_pidfd(child.pidfd, 2.0):
+            _kill_init(ctx)
+            if not _wait_pidfd(child.pidfd, 10.0):
+                raise TeardownError("init did not exit", leftovers=[f"pid {child.pid}"])
+        try:
+            os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)
+        except ChildProcessError:
+            pass  # already reaped by someone else
+        os.close(child.pidfd)
+        ctx.pidfd = None
+        ctx.intent.remove("process", pid=child.pid)
+
+    return Step("spawn", do, undo, describe="clone3 the sandbox's init")
+
+
+def _wait_pidfd(pidfd: int, seconds: float) -> bool:
+    """A pidfd polls readable once its process exited (pidfd_open(2))."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(int(seconds * 1000)))
+
+
+def _kill_init(ctx: SandboxContext):
+    """Kill the whole sandbox: the cgroup if there is one, else init (its pid namespace
+    dies with it: pid_namespaces(7))."""
+    if ctx.cgroup is not None:
+        ctx.cgroup.kill()
+    if ctx.pidfd is not None:
+        try:
+            signal.pidfd_send_signal(ctx.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def build_steps(ctx: SandboxContext) -> list[Step]:
+    steps = [_state_step(ctx), _uidrange_step(ctx)]
+    for module in FACILITY_MODULES:
+        s = _optional_step(module, ctx)
+        if s is not None:
+            steps.append(s)
+    steps += [_rootfs_step(ctx), _spawn_step(ctx)]
+    s = _optional_step(SUPERVISOR_MODULE, ctx)
+    if s is not None:
+        steps.append(s)
+    return steps
+
+
+class Sandbox:
+    def __init__(self, ctx: SandboxContext, lifecycle: Lifecycle):
+        self.ctx = ctx
+        self.lifecycle = lifecycle
+        self.created = time.time()
+        self._ctl = socket.socket(fileno=ctx.extra.pop("ctl_fd"))
+        ctx.extra["ctl"] = self._ctl
+        self._dead_reason: tuple[str, str] | None = None
+        self._destroyed = False
+        self._timer = threading.Timer(ctx.policy.timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    # ---- creation ----------------------------------------------------------------------
+    @classmethod
+    def create(cls, policy, *, workspace=None, context=None, shared=None, keep_workspace=None,
+               audit: AuditSink = NULL_SINK, state_dir: Path = DEFAULT_STATE_DIR,
+               sandbox_id: str | None = None, _fail_in_child: bool = False,
+               **ctx_fields) -> "Sandbox":
+        """Build a sandbox (sync). ctx_fields set SandboxContext fields before the steps
+        run (e.g. cgroup_parent for tests goes to ctx.extra)."""
+        sid = sandbox_id or uuid.uuid4().hex[:12]
+        fs = policy.filesystem
+        plan = SpawnPlan(uid=policy.user.uid, gid=policy.user.gid, hostname=policy.hostname,
+                         rlim_nofile=policy.limits.nofile, rlim_core=policy.limits.core,
+                         rlim_fsize=policy.limits.fsize, test_fail_step=int(_fail_in_child))
+        ctx = SandboxContext(
+            id=sid, policy=policy, plan=plan, audit=audit, state_dir=Path(state_dir),
+            workspace=os.fspath(workspace) if workspace else None,
+            context=os.fspath(context) if context else None,
+            shared=os.fspath(shared) if shared else (fs.shared or None),
+            keep_workspace=fs.keep_workspace if keep_workspace is None else keep_workspace)
+        for k, v in ctx_fields.items():
+            setattr(ctx, k, v)  # e.g. cgroup_parent (read by the cgroup step with getattr)
+        life = Lifecycle(sid, audit)
+        try:
+            for step in build_steps(ctx):
+                life.run(step)
+        except BaseException as e:
+            failures = life.unwind()
+            if failures and isinstance(e, SandboxError):
+                e.message += f" (and the unwind left: {'; '.join(failures)})"
+            raise
+        child = life.done[[d.step.name for d in life.done].index("spawn")].result
+        ctx.extra["ctl_fd"] = child.ctl_fd
+        audit.record("sandbox_create", sandbox=sid, details={"policy": policy.name,
+                                                             "uid_base": plan.uid_base})
+        return cls(ctx, life)
+
+    @property
+    def id(self) -> str:
+        return self.ctx.id
+
+    @property
+    def pidfd(self) -> int | None:
+        return self.ctx.pidfd
+
+    @property
+    def init_pid(self) -> int | None:
+        return self.ctx.init_pid
+
+    # ---- commands ----------------------------------------------------------------------
+    async def exec(self, argv, *, env: dict | None = None, cwd: str | None = None, stdin=None,
+                   timeout: float | None = None, on_output=None) -> ExecResult:
+        if self._destroyed:
+            raise SandboxError(f"sandbox {self.id} is destroyed", step="exec")
+        if self._dead_reason:
+            raise SandboxError(f"sandbox {self.id} is not running ({self._dead_reason[1]})",
+                               step="exec")
+        argv = [os.fspath(a) for a in argv]
+        request = cio.pack_request(argv, cio.command_env(self.ctx.policy, env), cwd or WORKSPACE)
+        timeout = timeout or self.ctx.policy.command_timeout
+        t0 = time.monotonic()
+        chan = cio.CommandIO.open(stdin)
+        try:
+            chan.send(self._ctl, request)
+        except OSError as e:
+            chan.close_child_ends()
+            chan.report.close()
+            raise SandboxError(f"sandbox {self.id} is not running", step="exec",
+                               errno=e.errno, syscall="sendmsg") from None
+        finally:
+            chan.close_child_ends()
+        out, err = ([], []) if on_output is None else (None, None)
+        tasks = [asyncio.ensure_future(cio.pump_output(chan.stdout_r, "stdout", on_output, out)),
+                 asyncio.ensure_future(cio.pump_output(chan.stderr_r, "stderr", on_output, err)),
+                 asyncio.ensure_future(self._reports(chan.report))]
+        # stdin is fed on the side: a command may exit without reading it all (or a
+        # terminal may never send EOF); the command is done when its outputs and report are
+        feeder = (asyncio.ensure_future(cio.feed_stdin(chan.stdin_parent, stdin))
+                  if chan.stdin_parent is not None else None)
+        timed_out = False
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks)), timeout)
+        except asyncio.TimeoutError:
+            timed_out = True
+            self._kill_for("timeout", f"command exceeded its {timeout:g} s time limit; "
+                                      "the sandbox was killed")
+            await asyncio.wait(tasks, timeout=10)
+            for t in tasks:
+                t.cancel()
+        finally:
+            if feeder is not None:
+                feeder.cancel()
+                await asyncio.gather(feeder, return_exceptions=True)
+            chan.report.close()
+        reports = tasks[2].result() if tasks[2].done() and not tasks[2].cancelled() else []
+        res = self._result(argv, reports, timed_out, time.monotonic() - t0)
+        if out is not None:
+            res.stdout, res.stderr = b"".join(out), b"".join(err)
+        self.ctx.audit.record("exec", sandbox=self.id, outcome=res.reason,
+                              details={"argv0": argv[0], "exit_code": res.exit_code,
+                                       "signal": res.signal}, duration_ms=res.duration * 1000)
+        return res
+
+    async def _reports(self, sock: socket.socket) -> list[cio.Report]:
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        ready = asyncio.Event()
+        loop.add_reader(sock.fileno(), ready.set)
+        got = []
+        try:
+            while True:
+                try:
+                    r = cio.recv_report(sock)
+                except BlockingIOError:
+                    ready.clear()
+                    await ready.wait()
+                    continue
+                if r is None:
+                    return got
+                if r.kind == cio.LISTENER and r.fd is not None:
+                    self._listener(r.fd, r.pid)
+                got.append(r)
+                if r.kind == cio.EXITED:
+                    return got
+        finally:
+            loop.remove_reader(sock.fileno())
+
+    def _listener(self, fd: int, pid: int):
+        handler = self.ctx.seccomp_listener
+        if handler is None:
+            os.close(fd)  # nobody supervises: notified syscalls then fail with ENOSYS
+        else:
+            handler(fd, pid)
+
+    def _result(self, argv, reports, timed_out: bool, duration: float) -> ExecResult:
+        usage = self.usage()
+        by = {r.kind: r for r in reports}
+        if timed_out or cio.EXITED not in by:
+            reason, text = self._dead_reason or ("killed", "the sandbox was killed")
+            return ExecResult(None, signal.SIGKILL, reason, text, usage, duration)
+        status = by[cio.EXITED].status
+        for kind in (cio.EXEC_FAILED, cio.SETUP_FAILED):
+            if kind in by:
+                r = by[kind]
+                return ExecResult(os.waitstatus_to_exitcode(status), None, "exec_failed",
+                                  f"cannot execute {argv[0]}: {r.syscall}: {os.strerror(r.err)}",
+                                  usage, duration)
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            reason, text = "signaled", f"killed by signal {signal.Signals(sig).name}"
+            if self.ctx.cgroup is not None:
+                code, why = self.ctx.cgroup.reason()
+                if code:
+                    reason, text = code, why
+            return ExecResult(None, sig, reason, text, usage, duration)
+        code = os.WEXITSTATUS(status)
+        return ExecResult(code, None, "exited", f"exited with status {code}", usage, duration)
+
+    # ---- control -----------------------------------------------------------------------
+    def _kill_for(self, reason: str, text: str):
+        if self._dead_reason is None:
+            self._dead_reason = (reason, text)
+            self.ctx.audit.record("sandbox_kill", sandbox=self.id, outcome=reason,
+                                  details={"reason": text})
+        _kill_init(self.ctx)
+
+    def _expire(self):
+        if not self._destroyed:
+            self._kill_for("timeout", f"sandbox lifetime of {self.ctx.policy.timeout:g} s expired")
+
+    def kill(self):
+        self._kill_for("killed", "killed by the operator")
+
+    def freeze(self):
+        if self.ctx.cgroup is None:
+            raise UnsupportedError("freeze needs the sandbox's cgroup (no cgroup step ran)")
+        self.ctx.cgroup.freeze()
+
+    def thaw(self):
+        if self.ctx.cgroup is None:
+            raise UnsupportedError("thaw needs the sandbox's cgroup (no cgroup step ran)")
+        self.ctx.cgroup.thaw()
+
+    def usage(self) -> dict:
+        return self.ctx.cgroup.usage() if self.ctx.cgroup is not None else {}
+
+    def info(self) -> dict:
+        c = self.ctx
+        return {"id": c.id, "policy": c.policy.name, "init_pid": c.init_pid,
+                "uid_base": c.plan.uid_base, "workspace": c.workspace, "created": self.created,
+                "state": ("destroyed" if self._destroyed else
+                          "dead" if self._dead_reason else "running"),
+                "reason": self._dead_reason[1] if self._dead_reason else None}
+
+    def destroy(self) -> dict:
+        """Unwind every step, newest first, and verify nothing is left."""
+        if self._destroyed:
+            return {"id": self.id, "leftovers": []}
+        self._destroyed = True
+        self._timer.cancel()
+        pid, sdir = self.ctx.init_pid, self.ctx.dir
+        failures = self.lifecycle.unwind()
+        leftovers = list(failures)
+        if pid and os.path.exists(f"/proc/{pid}") and _same_process(pid, self.ctx):
+            leftovers.append(f"process {pid}")
+        if sdir and sdir.exists():
+            leftovers.append(str(sdir))
+        leftovers += mounts.mounts_under(str(sdir)) if sdir else []
+        self.ctx.audit.record("sandbox_destroy", sandbox=self.id,
+                              outcome="ok" if not leftovers else "error",
+                              details={"leftovers": len(leftovers)})
+        if leftovers:
+            raise TeardownError(f"destroy of sandbox {self.id} left things behind",
+                                leftovers=leftovers)
+        return {"id": self.id, "leftovers": []}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+
+def _same_process(pid: int, ctx: SandboxContext) -> bool:
+    """Is `pid` still our init (not a reused pid)? Compares the recorded start time."""
+    st = ctx.extra.get("init_starttime")
+    return st is None or proc_starttime(pid) == st
+
+
+def cleanup(fields: dict) -> None:
+    """Crash recovery for intent kinds `process` (pid, starttime) and `dir` (path)."""
+    if "pid" in fields:
+        pid = fields["pid"]
+        if proc_starttime(pid) == fields.get("starttime") and fields.get("starttime") is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    elif "path" in fields:
+        shutil.rmtree(fields["path"], ignore_errors=True)
+        if os.path.exists(fields["path"]):
+            raise TeardownError("directory not removed", leftovers=[fields["path"]])
