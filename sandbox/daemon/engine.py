@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
+from sandbox.errors import SandboxError
+
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 
 
@@ -54,17 +56,31 @@ class RealHandle:
 
     @property
     def workspace(self) -> str:
-        return str(self.sb.workspace)
+        """The host directory behind /home/agent/workspace: the caller's, or the one the
+        rootfs step made (its step result; the disk step may have put it on a loop image)."""
+        if self.sb.ctx.workspace:
+            return str(self.sb.ctx.workspace)
+        for d in self.sb.lifecycle.done:
+            if d.step.name == "rootfs" and d.result:
+                return str(d.result)
+        raise SandboxError(f"sandbox {self.id} has no workspace directory", step="files")
 
     @property
     def workspace_owner(self):
-        return getattr(self.sb, "workspace_owner", None)
+        """Files copied into a daemon-made workspace belong to the agent: its host uid/gid
+        in this sandbox's uid range. A caller's workspace is idmapped: files keep the owner
+        the orchestrator gave its directory (None: the daemon leaves them as written)."""
+        ctx = self.sb.ctx
+        if ctx.workspace or ctx.uidrange is None:
+            return None
+        u = ctx.policy.user
+        return ctx.uidrange.host_uid(u.uid), ctx.uidrange.host_uid(u.gid)
 
     async def exec(self, argv, *, env=None, cwd=None, stdin=None, timeout=None, on_output=None):
         r = await self.sb.exec(argv, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                on_output=on_output)
         return ExecOutcome(exit_code=r.exit_code, signal=r.signal, reason=str(r.reason),
-                           reason_text=getattr(r, "reason_text", "") or getattr(r, "text", "") or "",
+                           reason_text=getattr(r, "text", "") or "",
                            usage=dict(r.usage or {}), duration=float(r.duration or 0.0))
 
     def freeze(self):
@@ -112,10 +128,9 @@ class RealEngine:
     def recover(self, audit) -> Any:
         """Clean up what a crashed daemon left behind (the audit engineer's recovery)."""
         from sandbox.runtime.recovery import recover
-        try:
-            return recover(self.run_dir, audit=audit)
-        except TypeError:
-            return recover(self.run_dir)
+        # No id_prefix: sweeping cgroups by name could hit another daemon's sandboxes
+        # (tests run several daemons side by side); intent records name everything we made.
+        return recover(self.run_dir, audit)
 
 
 async def call_blocking(fn, *args, **kw):

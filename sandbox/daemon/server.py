@@ -477,7 +477,7 @@ class Daemon:
             raise StateError(f"sandbox {rec.id} is {rec.state}"
                              + (" waiting for an operator" if rec.state == "held" else ""))
         scanner = self.engine.scanner(rec.policy)
-        streams = {"stdout": scanner.stream(salt=rec.salt), "stderr": scanner.stream(salt=rec.salt)}
+        streams = {"stdout": scanner.stream(salt=bytes.fromhex(rec.salt)), "stderr": scanner.stream(salt=bytes.fromhex(rec.salt))}
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
 
         async def on_output(stream: str, data: bytes):
@@ -621,7 +621,7 @@ class Daemon:
                 raise
             return web.json_response({"path": path, "entries": await call_blocking(
                 files.list_dir, rec.handle.workspace, path)})
-        st = self.engine.scanner(rec.policy).stream(salt=rec.salt)
+        st = self.engine.scanner(rec.policy).stream(salt=bytes.fromhex(rec.salt))
         results = [st.feed(data), st.finish()]
         findings = [f.to_dict() for r in results for f in r.findings]
         for fd in findings:
@@ -771,7 +771,7 @@ class Daemon:
                 self.metrics.denials["connections"] += 1
                 return _Refuse()
             return _Conn(self, inner())
-        self._server = await loop.create_unix_server(factory, sock=sock)
+        self._server = await loop.create_unix_server(factory, sock=sock, backlog=1024)
         for tok in self.tokens.list():
             self._arm_token_timer(tok)
         self._sweeper = loop.create_task(self._sweep())

@@ -1,0 +1,84 @@
+"""What the daemon-facing sandboxctl commands share: socket/token options, the client, output.
+
+Kept light (http.client only, via sandbox.client's sync part) so `sandboxctl ps` starts fast.
+The token comes from --token-file, $SANDBOXD_TOKEN or stdin (--token-stdin), never argv:
+argv is visible to every user in ps(1).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from sandbox.errors import SandboxError
+
+
+def add_common(parser, *, json_flag: bool = True):
+    from sandbox.client import DEFAULT_SOCKET
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="sandboxd's socket")
+    parser.add_argument("--token-file", help="read the capability token from this file "
+                        "(else $SANDBOXD_TOKEN; never pass a token on the command line)")
+    parser.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def client(args):
+    from sandbox.client import Client, token_from_env
+    token = sys.stdin.readline().strip() if getattr(args, "token_stdin", False) else \
+        token_from_env(args.token_file)
+    return Client(args.socket, token=token or None)
+
+
+def call(fn, *a, **kw):
+    """Run a client call; daemon errors become SandboxError (one line from cli/main.py)."""
+    from sandbox.client import DaemonError
+    try:
+        return fn(*a, **kw)
+    except DaemonError as e:
+        raise SandboxError(e.message or e.kind, step="daemon") from None
+
+
+def emit(args, data, text: str | None = None):
+    if getattr(args, "json", False) or text is None:
+        print(json.dumps(data, indent=1, default=str))
+    else:
+        print(text)
+
+
+def human_bytes(n) -> str:
+    if not isinstance(n, (int, float)):
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return "-"
+
+
+def human_age(seconds) -> str:
+    s = int(seconds or 0)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def ps_table(sandboxes: list[dict]) -> str:
+    cols = ("ID", "TOKEN", "POLICY", "STATE", "AGE", "CPU", "MEMORY", "PIDS", "NET")
+    rows = [cols]
+    for s in sandboxes:
+        u = s.get("usage") or {}
+        net = (u.get("net_rx_bytes") or 0) + (u.get("net_tx_bytes") or 0)
+        rows.append((s["id"], s.get("token") or "(admin)", s.get("policy", "?"), s["state"],
+                     human_age(s.get("age")),
+                     f"{u['cpu_seconds']:.2f}s" if isinstance(u.get("cpu_seconds"), (int, float)) else "-",
+                     human_bytes(u.get("memory_current", u.get("memory"))),
+                     str(u.get("pids_current", u.get("pids", "-"))), human_bytes(net)))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def now() -> float:
+    return time.time()

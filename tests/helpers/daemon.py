@@ -1,0 +1,104 @@
+"""A real sandboxd started by a test: a subprocess with its own socket, state and run dirs.
+
+Everything lives under one temp dir named sbxt-<pid>-...; stop() sends SIGTERM (the daemon
+destroys its sandboxes), waits, and checks nothing was left in the run dir.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sandbox.client import Client, DaemonError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class DaemonProc:
+    def __init__(self, *, client_group: str = "nogroup", admin_group: str = "sbxt-noadmin",
+                 extra_args: tuple = ()):
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"sbxt-{os.getpid()}-sbxd-"))
+        self.socket = str(self.tmp / "sandboxd.sock")
+        self.state = self.tmp / "state"
+        self.run = self.tmp / "run"
+        self.log = self.tmp / "daemon.log"
+        self.args = [sys.executable, "-m", "sandbox.daemon.main", "--foreground",
+                     "--socket", self.socket, "--state-dir", str(self.state),
+                     "--run-dir", str(self.run), "--client-group", client_group,
+                     "--admin-group", admin_group, *extra_args]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProc":
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SANDBOXD_TOKEN")}
+        self._logf = open(self.log, "wb")
+        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=self._logf, stderr=self._logf,
+                                     env=env)
+        for _ in range(300):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandboxd exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                with Client(self.socket, timeout=5) as c:
+                    c.health()
+                return self
+            except DaemonError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sandboxd did not come up: {self.log.read_text()}")
+
+    def admin(self) -> Client:
+        return Client(self.socket)
+
+    def stop(self) -> list[str]:
+        """SIGTERM and wait; returns what was left in the run dir (should be nothing)."""
+        left = []
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                left.append("daemon did not stop on SIGTERM")
+        self._logf.close()
+        sbdir = self.run / "sandboxes"
+        if sbdir.exists():
+            left += [str(p) for p in sbdir.iterdir()]
+        return left
+
+    def cleanup(self):
+        import shutil
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        try:
+            left = self.stop()
+        finally:
+            self.cleanup()
+        assert not left, f"the daemon left: {left}"
+
+
+def cgroup_frozen(pid: int) -> bool:
+    """Is the process's cgroup2 frozen? (cgroup.events 'frozen 1', cgroup-v2.rst)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        hier, _, path = line.split(":", 2)
+        if hier == "0":
+            for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+                ev = Path(root + path) / "cgroup.events"
+                if ev.exists():
+                    return "frozen 1" in ev.read_text().splitlines()
+    raise AssertionError(f"no cgroup2 membership for pid {pid}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
