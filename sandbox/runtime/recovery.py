@@ -318,18 +318,32 @@ def _prefixed_cgroups(parent: str, id_prefix: str) -> list[Path]:
 # ---- proving nothing is left (crash tests, soak, doctor) ----------------------------------
 
 def find_leftovers(state_dir: Path, *, id_prefix: str, cgroup_parent: str | None = None,
-                   network_check: bool = False) -> list[str]:
+                   network_check: bool = False, disk_base: Path | None = None) -> list[str]:
     """Everything of sandboxes named `<id_prefix>...` still on the host: intent records,
-    sandbox/workspace directories and disk images in `state_dir`, mounts under it, cgroups,
-    processes in those cgroups, and (network_check) netns, veths, nft tables in the network
-    module's configured host netns. Empty when teardown or recovery was complete."""
+    sandbox/workspace directories in `state_dir`, disk images, their mounts and loop devices
+    (in `disk_base`, default the disk module's, and in state_dir/disks), mounts under
+    state_dir, cgroups, processes in those cgroups, and (network_check) netns, veths and nft
+    tables in the network module's configured host netns (the veth and table check assumes
+    that namespace is the caller's own, as in tests and the soak run). Empty when teardown
+    or recovery was complete."""
+    from sandbox.kernel import disk
     state_dir = Path(state_dir)
-    left = [f"intent {p}" for p in list_intents(state_dir)]
-    for sub in ("sandboxes", "workspaces", "disks"):
-        d = state_dir / sub
+    left = [f"intent {p}" for p in list_intents(state_dir)
+            if p.parent.name.startswith(id_prefix)]
+    dirs = [state_dir / "sandboxes", state_dir / "workspaces"]
+    for base in {Path(disk_base or disk.DEFAULT_BASE), state_dir / "disks"}:
+        dirs += [base / "images", base / "mnt"]
+    for d in dirs:
         if d.is_dir():
-            left += [f"{sub} {p}" for p in d.iterdir() if p.name.startswith(id_prefix)]
+            left += [f"file {p}" for p in d.iterdir() if p.name.startswith(id_prefix)]
     left += [f"mount {m}" for m in _mounts_under(str(state_dir))]
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            name = Path(backing.read_text().strip()).name
+        except OSError:
+            continue
+        if name.startswith(id_prefix):
+            left.append(f"loop {backing.parent.parent.name} {name}")
     from sandbox.kernel import cgroups
     parent = cgroup_parent or cgroups.DEFAULT_PARENT
     left += [f"cgroup {c}" for c in _prefixed_cgroups(parent, id_prefix)]
