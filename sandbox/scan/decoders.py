@@ -48,17 +48,20 @@ _QUAD = "".join(_char_class(s) for s in _quad_index_sets())
 def base64_trigger(min_len: int) -> tuple[str, int]:
     """(hyperscan expression, fixed length) matching ceil(min_len/3) text quads in a row."""
     quads = max(3, -(-min_len // 3))
-    return f"(?:{_QUAD}){{{quads}}}", quads * 4
+    # anchored at the start of a run (after a non-alphabet byte): one trigger per run, not
+    # one per end offset inside long runs; text not at a run's start is out of scope
+    return f"(?:^|[^A-Za-z0-9+/_-])(?:{_QUAD}){{{quads}}}", quads * 4
 
 
 def hex_trigger(min_len: int) -> tuple[str, int]:
     pairs = max(8, min_len)
-    return f"(?:[2-7][0-9a-fA-F]|0[9aAdD]){{{pairs}}}", pairs * 2
+    return f"(?:^|[^0-9a-fA-F])(?:[2-7][0-9a-fA-F]|0[9aAdD]){{{pairs}}}", pairs * 2
 
 
 def percent_trigger(min_len: int) -> tuple[str, int]:
-    # two escapes close together: one stray %20 in a URL is not worth a decode
-    return r"%[0-9A-Fa-f]{2}[^\s%]{0,24}%[0-9A-Fa-f]{2}", 0
+    # one escape of a printable character is enough: "ghp%5F..." hides a token behind a
+    # single escape; decoding a URL costs microseconds and only rescans its text
+    return r"%[2-7][0-9A-Fa-f]", 0
 
 
 TRIGGERS = {"base64": base64_trigger, "hex": hex_trigger, "percent": percent_trigger}
@@ -66,18 +69,16 @@ TRIGGERS = {"base64": base64_trigger, "hex": hex_trigger, "percent": percent_tri
 _RUNS = {
     "base64": re.compile(rb"[A-Za-z0-9+/_-]+=*"),
     "hex": re.compile(rb"[0-9a-fA-F]+"),
-    "percent": re.compile(rb"[^\s\"'<>`]+"),
 }
 _URL_TO_STD = bytes.maketrans(b"-_", b"+/")
 
 
-def _run_around(kind: str, buf: bytes, lo: int, hi: int, max_len: int):
-    """The maximal run of the decoder's alphabet that contains buf[lo:hi], clipped to max_len."""
-    rx = _RUNS[kind]
-    for m in rx.finditer(buf, max(0, lo - max_len), min(len(buf), hi + max_len)):
-        if m.start() <= lo and m.end() >= hi:
-            return m.start(), m.end()
-    return None
+_TOKEN_END = re.compile(rb"[^\s\"'<>`]*")
+
+
+def _run_from(kind: str, buf: bytes, lo: int, max_len: int) -> int:
+    """End of the run of the decoder's alphabet that starts at lo (at most max_len long)."""
+    return _RUNS[kind].match(buf, lo, min(len(buf), lo + max_len)).end()
 
 
 def is_text(data: bytes, ratio: float = 0.9) -> bool:
@@ -85,15 +86,10 @@ def is_text(data: bytes, ratio: float = 0.9) -> bool:
 
 
 def decode_base64(buf: bytes, to: int, trig_len: int, max_len: int):
-    lo = to - trig_len
-    run = _run_around("base64", buf, lo, to, max_len)
-    if run is None:
-        return None
-    rs, re_ = run
-    while re_ > rs and buf[re_ - 1] == 0x3D:      # '=' padding is not part of the alphabet
-        re_ -= 1
-    start = rs + (lo - rs) % 4 if lo - rs < max_len // 2 else lo    # same quad alignment
-    end = min(re_, start + max_len)
+    start = to - trig_len                 # the trigger starts the run: its alignment is known
+    end = _run_from("base64", buf, start, max_len)
+    while end > start and buf[end - 1] == 0x3D:    # '=' padding is not in the alphabet
+        end -= 1
     body = buf[start:end].translate(_URL_TO_STD)
     body = body[: len(body) - len(body) % 4] + _pad_tail(body)
     try:
@@ -112,26 +108,18 @@ def _pad_tail(body: bytes) -> bytes:
 
 
 def decode_hex(buf: bytes, to: int, trig_len: int, max_len: int):
-    lo = to - trig_len
-    run = _run_around("hex", buf, lo, to, max_len)
-    if run is None:
-        return None
-    rs, re_ = run
-    start = rs + (lo - rs) % 2 if lo - rs < max_len // 2 else lo
-    end = min(re_, start + max_len)
+    start = to - trig_len
+    end = _run_from("hex", buf, start, max_len)
     end -= (end - start) % 2
-    try:
-        return start, end, bytes.fromhex(buf[start:end].decode("ascii"))
-    except ValueError:
-        return None
+    return start, end, bytes.fromhex(buf[start:end].decode("ascii"))
 
 
 def decode_percent(buf: bytes, to: int, trig_len: int, max_len: int):
-    run = _run_around("percent", buf, to - 1, to, max_len)
-    if run is None:
-        return None
-    start, end = run
-    end = min(end, start + max_len)
+    """The whitespace/quote-delimited token around the escape that ended at `to`."""
+    lo = max(0, to - max_len // 2)
+    back = _TOKEN_END.match(buf[lo:to][::-1]).end()      # reversed: linear, not quadratic
+    start = to - back
+    end = min(_TOKEN_END.match(buf, to).end(), start + max_len)
     return start, end, unquote_to_bytes(buf[start:end])
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import hyperscan
 
 from sandbox.errors import ScanError
-from sandbox.scan.decoders import DECODE, TRIGGERS, TEXT_BYTES, is_text
+from sandbox.scan.decoders import DECODE, TRIGGERS, is_text
 from sandbox.scan.findings import ACTION_RANK, Finding, ScanResult, masked_preview, salted_hash
 from sandbox.scan.rules import Rule, load_rules, rules_hash
 from sandbox.scan.validators import VALIDATORS, is_placeholder, shannon_entropy
@@ -33,7 +33,9 @@ from sandbox.scan.validators import VALIDATORS, is_placeholder, shannon_entropy
 # Control bytes that do not occur in text output (TAB, LF, VT, FF, CR and ESC for colours do).
 BINARY_TRIGGER = r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]"
 BINARY_WINDOW = 1024          # bytes examined around a control byte
-BINARY_RATIO = 0.10           # non-text share of a window above which it is binary
+BINARY_RATIO = 0.08           # control-byte share of a window above which it is binary
+# Bytes that are not control bytes (deleted before counting): UTF-8 text is not binary.
+_NOT_CONTROL = bytes(b for b in range(256) if not (b <= 8 or 14 <= b <= 26 or 28 <= b <= 31 or b == 127))
 CONTEXT = 64                  # released bytes kept before the tail for lookbehinds
 SLACK = 16                    # lookaround margin added to windows
 MAX_DEPTH = 2                 # decode-and-rescan nesting (base64 of hex of a secret)
@@ -226,39 +228,56 @@ def _confirm(buf: bytes, rule: Rule, ends: list) -> list:
 
 
 def _valid(rule: Rule, value: bytes, match: bytes) -> bool:
-    if rule.entropy and shannon_entropy(value) < rule.entropy:
+    """Cheapest checks first: validators are mostly one regex, entropy counts every byte."""
+    if not all(VALIDATORS[v](value, match) for v in rule.validators):
         return False
     if rule.placeholders and is_placeholder(value):
         return False
-    return all(VALIDATORS[v](value, match) for v in rule.validators)
+    return not rule.entropy or shannon_entropy(value) >= rule.entropy
 
 
 def _binary(buf: bytes, first: int, rule: Rule) -> list:
-    """A control byte was seen at `first`: binary if a NUL follows or a window is mostly non-text."""
+    """A control byte was seen at `first` (the trigger reports only the first one): binary if
+    a NUL follows, or a 1 KiB window from there on holds more than 8% control bytes (a stray
+    bell or backspace in a terminal UI stays text)."""
     nul = buf.find(b"\x00", max(0, first - 1))
     if nul >= 0:
         return [(nul, nul + 1, rule, b"\x00", ())]
     for lo in range(max(0, first - 1), len(buf), BINARY_WINDOW):
         window = buf[lo:lo + BINARY_WINDOW]
-        if len(window.translate(None, TEXT_BYTES)) > len(window) * BINARY_RATIO:
+        if len(window.translate(None, _NOT_CONTROL)) > max(len(window), BINARY_WINDOW // 4) * BINARY_RATIO:
             return [(lo, lo + 1, rule, b"", ())]
     return []
 
 
+def _stronger(k, f) -> bool:
+    """k outranks f: higher action, then secret over pii, then longer, then earlier rule."""
+    return ((ACTION_RANK[k[2].action], k[2].kind == "secret", k[1] - k[0])
+            >= (ACTION_RANK[f[2].action], f[2].kind == "secret", f[1] - f[0]))
+
+
 def _resolve(found: list) -> list:
     """Drop duplicates and findings inside a stronger one (the same token matched by a
-    specific rule and the generic assignment rule is reported once, by the stronger/earlier)."""
+    specific rule and the generic assignment rule is reported once, by the stronger).
+    Linear in the number of findings outside clusters of overlapping spans."""
     if len(found) < 2:
         return found
     uniq: dict = {}
     for f in found:                       # found is in rule order: earlier rules win ties
         uniq.setdefault((f[0], f[1], f[2].id), f)
-    found = sorted(uniq.values(), key=lambda f: (-ACTION_RANK[f[2].action], f[0] - f[1]))
-    kept = []
-    for f in found:
-        if not any(k[0] <= f[0] and f[1] <= k[1] for k in kept):
-            kept.append(f)
-    return sorted(kept, key=lambda f: (f[0], f[1]))
+    ordered = sorted(uniq.values(), key=lambda f: (f[0], -f[1]))
+    kept, cluster, reach = [], [], -1
+    for f in ordered + [None]:
+        if f is None or f[0] >= reach:    # a new cluster of overlapping spans starts
+            kept += [g for g in cluster if not any(
+                h is not g and h[0] <= g[0] and g[1] <= h[1] and _stronger(h, g)
+                and not (_stronger(g, h) and cluster.index(g) < cluster.index(h))
+                for h in cluster)]
+            cluster, reach = [], -1
+        if f is not None:
+            cluster.append(f)
+            reach = max(reach, f[1])
+    return kept
 
 
 class ScanStream:

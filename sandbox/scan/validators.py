@@ -191,7 +191,7 @@ def assignment_value(value: bytes, match: bytes) -> bool:
     if re.match(rb"[$%{<(\[]|\w+\(|(?:true|false|null|none|nil|undefined|required|optional)$",
                 value, re.I):
         return False
-    if re.fullmatch(rb"[a-z_]+(?:\.[a-z_]+)+|/[\w./-]+|[A-Za-z]+|[a-z_]+|[0-9.]+", value):
+    if re.fullmatch(rb"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)+|/[\w./-]+|[A-Za-z_]+|[0-9.]+", value):
         return False
     return mixed_charset(value, match)
 
@@ -220,6 +220,7 @@ PLACEHOLDERS = (
     b"your-", b"yourkey", b"xxxx", b"****", b"0000000", b"1234567", b"abcdefgh", b"redacted",
     b"insert", b"replace", b"fake", b"<", b">", b"${", b"{{", b"%(", b"todo", b"notreal",
 )
+_PLACEHOLDER_RX = re.compile(b"|".join(re.escape(p) for p in PLACEHOLDERS), re.I)
 
 # Well-known documentation values that are not caught by the words above.
 PLACEHOLDER_VALUES = frozenset({
@@ -231,8 +232,7 @@ PLACEHOLDER_VALUES = frozenset({
 
 
 def is_placeholder(value: bytes) -> bool:
-    low = value.lower()
-    if any(p in low for p in PLACEHOLDERS):
+    if _PLACEHOLDER_RX.search(value) or value in PLACEHOLDER_VALUES:
         return True
-    digits_only = bytes(c for c in value if c not in b" -")
-    return value in PLACEHOLDER_VALUES or digits_only in PLACEHOLDER_VALUES or len(set(low)) <= 2
+    digits_only = value.translate(None, b" -")
+    return digits_only in PLACEHOLDER_VALUES or len(set(value.lower())) <= 2

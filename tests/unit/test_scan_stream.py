@@ -1,0 +1,233 @@
+"""Streaming semantics of the scanner: matches across every chunk boundary, hold-back and
+release, block/redact/flag, binary and volume, and findings that never carry the secret."""
+import dataclasses
+import json
+
+import pytest
+
+from sandbox.errors import ScanError
+from sandbox.scan import Scanner, load_rules
+from tests.helpers import fakes
+
+RULES = load_rules()
+FILLER = (b"gcc -O2 -Wall -c src/module.c -o build/module.o\n"
+          b"tests/test_io.py::test_roundtrip PASSED [ 42%]\n"
+          b"commit 3f9a1c2e8b7d6f5a4c3b2a1908f7e6d5c4b3a291\n")
+
+
+def small_window_rules():
+    """Rules whose max_len keeps the window small, so streams of a few KiB cross many cuts."""
+    out = []
+    for r in RULES:
+        if r.kind == "encoded":
+            out.append(dataclasses.replace(r, max_len=512))
+        elif r.max_len <= 600:
+            out.append(r)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small():
+    return Scanner(small_window_rules())
+
+
+@pytest.fixture(scope="module")
+def full():
+    return Scanner(RULES)
+
+
+def feed_chunks(scanner, data, sizes, salt=b"s"):
+    stream = scanner.stream(salt)
+    released, findings, pos, i = [], [], 0, 0
+    while pos < len(data):
+        size = sizes[i % len(sizes)]
+        out = stream.feed(data[pos:pos + size])
+        released.append(out.released)
+        findings += out.findings
+        pos, i = pos + size, i + 1
+    out = stream.finish()
+    return b"".join(released) + out.released, findings + out.findings, stream.blocked
+
+
+def summary(findings):
+    return sorted((f.rule_id, f.start, f.end, f.hash, f.encoding) for f in findings)
+
+
+def padded(secret, before=12, after=12):
+    return FILLER * before + b"key: " + secret + b"\n" + FILLER * after
+
+
+def assert_same_release(got, ref, data):
+    """Unblocked: byte-identical output. Blocked: what left before the block is a clean
+    prefix of the input that stops before the secret (how much depends on the chunking)."""
+    released, _, blocked = got
+    assert blocked == ref[2]
+    if blocked:
+        assert data.startswith(released)
+        assert len(released) <= min(f.start for f in ref[1] if f.action == "block")
+    else:
+        assert released == ref[0]
+
+
+def test_window_is_the_longest_rule(small, full):
+    assert full.window >= max(r.max_len for r in RULES)
+    assert small.window < 1200
+
+
+@pytest.mark.parametrize("rule_id", ["github-token", "email", "url-credentials", "credit-card",
+                                     "aws-secret-access-key", "generic-assignment"])
+def test_match_split_at_every_boundary(small, rule_id):
+    value = fakes.FAKES[rule_id]()
+    data = padded(value, before=8, after=4)
+    ref = feed_chunks(small, data, [len(data)])
+    assert any(f.rule_id == rule_id for f in ref[1])
+    for split in range(1, len(data)):
+        got = feed_chunks(small, data, [split, len(data)])
+        assert summary(got[1]) == summary(ref[1]), f"split at {split}"
+        assert_same_release(got, ref, data)
+
+
+@pytest.mark.parametrize("rule_id", ["github-token", "email", "slack-token", "us-ssn"])
+def test_byte_by_byte_and_every_chunk_size(small, rule_id):
+    value = fakes.FAKES[rule_id]()
+    data = padded(value, before=6, after=3)
+    ref = feed_chunks(small, data, [len(data)])
+    assert [f.rule_id for f in ref[1]] == [rule_id]
+    assert data[ref[1][0].start:ref[1][0].end] == value
+    for sizes in [[1]] + [[k] for k in range(2, 700, 13)] + [[3, 1, 250, 7]]:
+        got = feed_chunks(small, data, sizes)
+        assert summary(got[1]) == summary(ref[1]), sizes
+        assert_same_release(got, ref, data)
+
+
+def test_encoded_secret_split_at_every_boundary(small):
+    import base64
+    encoded = base64.b64encode(b"export GITHUB_TOKEN=" + fakes.gh_token())
+    data = padded(encoded, before=8, after=3)
+    ref = feed_chunks(small, data, [len(data)])
+    assert [(f.rule_id, f.encoding) for f in ref[1]] == [("github-token", ("base64",))]
+    start = data.index(encoded)
+    assert (ref[1][0].start, ref[1][0].end) == (start, start + len(encoded))
+    for split in range(1, len(data)):
+        assert summary(feed_chunks(small, data, [split, len(data)])[1]) == summary(ref[1]), split
+
+
+def test_private_key_split_with_the_full_rule_set(full):
+    data = FILLER * 200 + fakes.pem_private_key() + FILLER * 40
+    ref = feed_chunks(full, data, [len(data)])
+    assert [f.rule_id for f in ref[1]] == ["private-key"] and ref[2]
+    for split in range(1, len(data), 97):
+        got = feed_chunks(full, data, [split, 4096])
+        assert (summary(got[1]), got[2]) == (summary(ref[1]), True), split
+
+
+def test_offsets_are_stream_offsets(small):
+    token = fakes.gh_token()
+    data = FILLER * 30 + token + b"\n"
+    _, findings, _ = feed_chunks(small, data, [100])
+    assert [(f.start, f.end) for f in findings] == [(data.index(token), data.index(token) + len(token))]
+
+
+def test_block_releases_nothing_more(small):
+    stream = small.stream(b"s")
+    first = stream.feed(FILLER * 30)
+    assert first.released and not first.blocked
+    hit = stream.feed(b"token " + fakes.gh_token() + b"\n" + FILLER * 30)
+    after = stream.feed(FILLER * 30)
+    last = stream.finish()
+    assert hit.blocked and after.blocked and last.blocked and stream.blocked
+    assert hit.released == after.released == last.released == b""
+    assert [f.rule_id for f in hit.findings] == ["github-token"]
+
+
+def test_redact_replaces_the_value_only(full):
+    mail, pw = fakes.email(), fakes.url_with_password()
+    data = b"contact " + mail + b" now\nconnect " + pw + b"\n"
+    out = full.scan(data)
+    assert not out.blocked
+    assert mail not in out.released and b"[REDACTED:email]" in out.released
+    assert b"contact [REDACTED:email] now\n" in out.released
+    assert b"[REDACTED:url-credentials]@db." in out.released
+    assert out.released.endswith(b":5432/app\n")
+
+
+def test_flag_releases_unchanged():
+    rules = [dataclasses.replace(r, action="flag") if r.id == "email" else r for r in RULES]
+    scanner = Scanner(rules)
+    data = b"mail " + fakes.email() + b"\n"
+    out = scanner.scan(data)
+    assert out.released == data and not out.blocked
+    assert [(f.rule_id, f.action) for f in out.findings] == [("email", "flag")]
+
+
+@pytest.mark.parametrize("binary", ["block", "flag", "allow"])
+def test_nul_bytes_are_binary(binary):
+    scanner = Scanner(RULES, binary=binary)
+    data = FILLER + b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)) + FILLER
+    out = scanner.scan(data)
+    kinds = [f.kind for f in out.findings]
+    if binary == "allow":
+        assert kinds == [] and out.released == data
+    else:
+        assert kinds == ["binary"]
+        assert out.blocked is (binary == "block")
+        assert out.released == (b"" if binary == "block" else data)
+
+
+def test_mostly_control_bytes_without_nul_are_binary(full):
+    data = FILLER + bytes(b % 31 + 1 for b in range(2000)) + FILLER
+    assert [f.kind for f in full.scan(data).findings] == ["binary"]
+
+
+def test_colours_and_progress_bars_are_text(full):
+    data = b"\x1b[32mPASSED\x1b[0m\r[=====>   ] 50%\r[==========] 100%\t\x0cdone\n" * 50 + b"bell\x07\n"
+    assert full.scan(data).findings == []
+
+
+def test_binary_reported_once_per_stream(full):
+    _, findings, _ = feed_chunks(full, (FILLER * 100 + b"\x00\x01\x02" * 400) * 4, [5000])
+    assert [f.kind for f in findings] == ["binary"]
+
+
+def test_volume_flagged_once():
+    scanner = Scanner(RULES, expected_output=1000)
+    released, findings, blocked = feed_chunks(scanner, FILLER * 40, [300])
+    vol = [f for f in findings if f.kind == "volume"]
+    assert len(vol) == 1 and vol[0].action == "flag" and vol[0].start == 1000
+    assert not blocked and released == FILLER * 40
+
+
+def test_from_policy_uses_the_scanner_section():
+    from sandbox.policy import load_policy
+    policy = load_policy("default")
+    scanner = Scanner.from_policy(policy.scanner)
+    assert scanner.expected_output == policy.scanner.expected_output
+    assert {r.id for r in scanner.rules} >= {"github-token", "binary"}
+
+
+def test_no_secret_in_any_serialised_finding(full):
+    for rule_id, make in fakes.FAKES.items():
+        import base64
+        value = make()
+        for data in (b"x " + value + b"\n", b"y " + base64.b64encode(value) + b"\n"):
+            result = full.scan(data, salt=b"salt")
+            assert result.findings, rule_id
+            for f in result.findings:
+                for text in (json.dumps(f.to_dict()), repr(f), str(f), json.dumps(f.to_jsonl()), repr(result)):
+                    secret = data[f.start:f.end]
+                    assert secret not in text.encode() and value not in text.encode(), rule_id
+
+
+def test_salted_hash_links_within_a_salt_only(full):
+    token = fakes.gh_token()
+    a = full.scan(b"a " + token, salt=b"one").findings[0].hash
+    b = full.scan(b"b  " + token, salt=b"one").findings[0].hash
+    c = full.scan(b"a " + token, salt=b"two").findings[0].hash
+    assert a == b != c and len(a) == 16
+
+
+def test_feed_after_finish_is_an_error(full):
+    stream = full.stream()
+    stream.finish()
+    with pytest.raises(ScanError):
+        stream.feed(b"more")
