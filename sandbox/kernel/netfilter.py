@@ -209,50 +209,36 @@ class Firewall:
             raise
 
     def _build(self, lay: Layout, literals):
+        # One nftables transaction (NFNL_MSG_BATCH_BEGIN ... END): the kernel commits the
+        # table, chains, set and rules atomically, so a half-built table never filters
+        # anything, and one commit costs one RCU grace period instead of eighteen.
         t = lay.table
-        self._call(f"create table inet {t}", self._nft.table, "create", name=t)
+        msgs = [_msg("table", "create", name=t)]
         for name, hook, kind, prio in (("forward", "forward", "filter", 0),
                                        ("input", "input", "filter", 0),
                                        ("postrouting", "postrouting", "nat", 100)):
-            self._call(f"create chain {t} {name}", self._nft.chain, "add", table=t, name=name,
-                       hook=hook, type=kind, priority=prio, policy=_NF_ACCEPT)
-        self._call(f"create set {t} allow4", self._nft._command, _set_msg(), {"add": 9}, "add",
-                   {"NFTA_SET_TABLE": t, "NFTA_SET_NAME": "allow4",
-                    "NFTA_SET_FLAGS": {"NFT_SET_TIMEOUT"},
-                    "NFTA_SET_KEY_TYPE": _KEY_V4_SERVICE, "NFTA_SET_KEY_LEN": 8,
-                    "NFTA_SET_ID": 1})
-        iif = lambda: _ifname(_META_IIFNAME, lay.veth)  # noqa: E731
-        oif = lambda: _ifname(_META_OIFNAME, lay.veth)  # noqa: E731
-        logdrop = lambda: _log_drop(lay.nflog_group, lay.log_prefix)  # noqa: E731
-        rules = {
-            "forward": [
-                iif() + _saddr(lay.sandbox_ip, _NFT_CMP_NEQ) + logdrop(),
-                iif() + _ct_established() + [_verdict(_NF_ACCEPT)],
-                oif() + _ct_established() + [_verdict(_NF_ACCEPT)],
-                iif() + _lookup_daddr_dport("allow4") + [_verdict(_NF_ACCEPT)],
-                iif() + logdrop(),
-                oif() + logdrop(),
-            ],
-            "input": [
-                iif() + _saddr(lay.sandbox_ip, _NFT_CMP_NEQ) + logdrop(),
-                iif() + _ct_established() + [_verdict(_NF_ACCEPT)],
-                iif() + _daddr(lay.resolver_ip) + _l4proto(socket.IPPROTO_UDP) + _dport(53)
-                + [_verdict(_NF_ACCEPT)],
-                iif() + _daddr(lay.resolver_ip) + _l4proto(socket.IPPROTO_TCP) + _dport(53)
-                + [_verdict(_NF_ACCEPT)],
-                iif() + logdrop(),
-            ],
-            "postrouting": [
-                _saddr(lay.sandbox_ip) + _ifname(_META_OIFNAME, lay.veth, _NFT_CMP_NEQ)
-                + [_expr("masq")],
-            ],
-        }
-        for chain, chain_rules in rules.items():
+            msgs.append(_msg("chain", "add", table=t, name=name, type=kind, policy=_NF_ACCEPT,
+                             hook={"attrs": [["NFTA_HOOK_HOOKNUM", _HOOKS[hook]],
+                                             ["NFTA_HOOK_PRIORITY", prio]]}))
+        msgs.append(_msg("set", "add", table=t, name="allow4", flags={"NFT_SET_TIMEOUT"},
+                         key_type=_KEY_V4_SERVICE, key_len=8, id=1))
+        for chain, chain_rules in _rules(lay).items():
             for r in chain_rules:
-                self._call(f"add a rule to {t} {chain}", self._nft.rule, "add", table=t,
-                           chain=chain, expressions=[[e] for e in r])
+                msgs.append(_msg("rule", "add", table=t, chain=chain, expressions=r))
+        self._call(f"create table inet {t} (one transaction)", self._commit, msgs)
         if literals:
             self.pin(t, literals, timeout=None)
+
+    def _commit(self, msgs):
+        from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+        begin, end = nfgen_msg(), nfgen_msg()
+        for m, kind in ((begin, 0x10), (end, 0x11)):  # NFNL_MSG_BATCH_BEGIN / _END
+            m["res_id"] = NFNL_SUBSYS_NFTABLES
+            m["header"]["type"] = kind
+            m["header"]["flags"] = 1  # NLM_F_REQUEST
+        for m in msgs:
+            m["nfgen_family"] = NFPROTO_INET
+        self._nft.nlm_request_batch([begin, *msgs, end])
 
     # -- the allow set -----------------------------------------------------------------
     def pin(self, table: str, pairs: list[tuple[str, int]], timeout: float | None):
@@ -288,9 +274,12 @@ class Firewall:
 
     def drops(self, table: str) -> int:
         """Packets dropped by the table's rules (sum of their counters)."""
+        from pyroute2.netlink.nfnetlink.nftsocket import nft_rule_msg
+        req = nft_rule_msg()
+        req["attrs"] = [["NFTA_RULE_TABLE", table]]  # the kernel dumps this table only
         total = 0
-        for rule in self._call("list rules", self._nft.get_rules):
-            if rule.get_attr("NFTA_RULE_TABLE") != table:
+        for rule in self._call(f"list the rules of {table}", self._nft.request_get, req, 7):
+            if rule.get_attr("NFTA_RULE_TABLE") != table:  # NFT_MSG_GETRULE = 7
                 continue
             for expr in rule.get_attr("NFTA_RULE_EXPRESSIONS") or ():
                 if expr.get_attr("NFTA_EXPR_NAME") == "counter":
@@ -309,6 +298,55 @@ class Firewall:
                                    errno=getattr(e, "code", None), syscall="nfnetlink") from e
         if table in self.tables(prefix=table):
             raise TeardownError("nftables table survived deletion", leftovers=[f"inet {table}"])
+
+
+def _rules(lay: Layout) -> dict[str, list[list]]:
+    iif = lambda: _ifname(_META_IIFNAME, lay.veth)  # noqa: E731
+    oif = lambda: _ifname(_META_OIFNAME, lay.veth)  # noqa: E731
+    logdrop = lambda: _log_drop(lay.nflog_group, lay.log_prefix)  # noqa: E731
+    dns = lambda proto: (iif() + _daddr(lay.resolver_ip) + _l4proto(proto)  # noqa: E731
+                         + _dport(53) + [_verdict(_NF_ACCEPT)])
+    return {
+        "forward": [
+            iif() + _saddr(lay.sandbox_ip, _NFT_CMP_NEQ) + logdrop(),     # spoofed source
+            iif() + _ct_established() + [_verdict(_NF_ACCEPT)],
+            oif() + _ct_established() + [_verdict(_NF_ACCEPT)],
+            iif() + _lookup_daddr_dport("allow4") + [_verdict(_NF_ACCEPT)],
+            iif() + logdrop(),                                            # all else out
+            oif() + logdrop(),                                            # nothing new in
+        ],
+        "input": [
+            iif() + _saddr(lay.sandbox_ip, _NFT_CMP_NEQ) + logdrop(),
+            iif() + _ct_established() + [_verdict(_NF_ACCEPT)],
+            dns(socket.IPPROTO_UDP),
+            dns(socket.IPPROTO_TCP),
+            iif() + logdrop(),                                            # host services
+        ],
+        "postrouting": [
+            _saddr(lay.sandbox_ip) + _ifname(_META_OIFNAME, lay.veth, _NFT_CMP_NEQ)
+            + [_expr("masq")],
+        ],
+    }
+
+
+_NEW = {"table": 0, "chain": 3, "rule": 6, "set": 9}  # NFT_MSG_NEW*
+
+
+def _msg(kind: str, cmd: str, **attrs):
+    """One nf_tables netlink message (as pyroute2's NFTables._command builds it)."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+    from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
+    from pyroute2.netlink.nfnetlink import nftsocket as ns
+    klass = {"table": ns.nft_table_msg, "chain": ns.nft_chain_msg, "rule": ns.nft_rule_msg,
+             "set": ns.nft_set_msg}[kind]
+    flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
+    if cmd == "create":
+        flags |= NLM_F_EXCL
+    m = klass()
+    m["attrs"] = [[klass.name2nla(k), v] for k, v in attrs.items()]
+    m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | _NEW[kind]
+    m["header"]["flags"] = flags
+    return m
 
 
 def _set_msg():

@@ -299,13 +299,17 @@ def bulk(host, port, seconds):
     return json.loads(s.recv(4096).decode())
 def many(queries):
     return [resolve(**q) for q in queries]
+def conns(cs):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(len(cs)) as ex:
+        return list(ex.map(lambda c: connect(**c), cs))
 def shell(argv):
     import subprocess
     r = subprocess.run(argv, capture_output=True, text=True)
     return {"rc": r.returncode, "err": r.stderr[-300:]}
 out = {"resolve": lambda: resolve(**args["q"]), "connect": lambda: connect(**args["c"]),
        "udp": lambda: udp(**args["u"]), "bulk": lambda: bulk(**args["b"]),
-       "many": lambda: many(args["qs"]), "shell": lambda: shell(args["argv"])}[cmd]()
+       "many": lambda: many(args["qs"]), "conns": lambda: conns(args["cs"]), "shell": lambda: shell(args["argv"])}[cmd]()
 print(json.dumps(out))
 '''
 
