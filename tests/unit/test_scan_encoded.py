@@ -1,0 +1,75 @@
+"""Encoded forms: base64 (standard and URL-safe), hex and percent-encoding of every rule's
+fakes are decoded and rescanned; a finding reports the span of the ENCODED text."""
+import base64
+import binascii
+
+import pytest
+
+from sandbox.scan import Scanner, load_rules
+from tests.helpers import fakes
+
+RULES = load_rules()
+SECRET_RULES = [r.id for r in RULES if r.kind in ("secret", "pii")]
+
+
+def percent(value: bytes) -> bytes:
+    return b"".join(b"%%%02X" % c for c in value)
+
+
+ENCODINGS = {
+    "base64": (base64.b64encode, ("base64",)),
+    "base64url": (lambda v: base64.urlsafe_b64encode(v).rstrip(b"="), ("base64",)),
+    "hex": (binascii.hexlify, ("hex",)),
+    "percent": (percent, ("percent",)),
+    "base64-of-hex": (lambda v: base64.b64encode(binascii.hexlify(v)), ("base64", "hex")),
+}
+
+
+@pytest.fixture(scope="module")
+def scanner():
+    return Scanner(RULES)
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@pytest.mark.parametrize("rule_id", SECRET_RULES)
+def test_encoded_fakes_are_found_at_the_encoded_span(scanner, rule_id, encoding):
+    encode, chain = ENCODINGS[encoding]
+    encoded = encode(fakes.FAKES[rule_id]())
+    data = b"$ echo " + encoded + b" | next-step\n"
+    found = scanner.scan(data).findings
+    start = data.index(encoded)
+    hits = [f for f in found if f.rule_id == rule_id]
+    assert hits, f"{rule_id}/{encoding}: found {[(f.rule_id, f.encoding) for f in found]}"
+    assert all((f.start, f.end, f.encoding) == (start, start + len(encoded), chain) for f in hits)
+
+
+def test_single_escape_hides_nothing(scanner):
+    token = fakes.gh_token()
+    data = b"url=https://x.test/?t=" + token.replace(b"_", b"%5F") + b" done\n"
+    assert [(f.rule_id, f.encoding) for f in scanner.scan(data).findings] == [("github-token", ("percent",))]
+
+
+def test_depth_is_bounded(scanner):
+    token = fakes.gh_token()
+    twice = base64.b64encode(base64.b64encode(b"GH=" + token))
+    thrice = base64.b64encode(twice)
+    assert [f.encoding for f in scanner.scan(twice).findings] == [("base64", "base64")]
+    assert scanner.scan(thrice).findings == []          # max_depth = 2, documented
+    deeper = Scanner(RULES, max_depth=3)
+    assert [f.encoding for f in deeper.scan(thrice).findings] == [("base64", "base64", "base64")]
+
+
+def test_encoded_redaction_covers_the_encoded_text(scanner):
+    encoded = base64.b64encode(b"mail me: " + fakes.email())
+    out = scanner.scan(b"note " + encoded + b" end\n")
+    assert out.released == b"note [REDACTED:email] end\n"
+
+
+def test_encodings_of_benign_text_and_random_bytes_are_quiet(scanner):
+    import random
+    r = random.Random(7)
+    lines = [base64.b64encode(b"hello world, this is an ordinary config line %d" % i) for i in range(50)]
+    lines += [base64.b64encode(r.randbytes(r.randint(20, 400))) for _ in range(300)]
+    lines += [binascii.hexlify(r.randbytes(32)) for _ in range(300)]
+    lines += [b"https://files.test/pkg/name%%20with%%20spaces-%d.tar.gz" % i for i in range(50)]
+    assert scanner.scan(b"\n".join(lines)).findings == []
