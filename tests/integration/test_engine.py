@@ -1,0 +1,249 @@
+"""The engine's behaviour on the real kernel: status passthrough, ownership, uid ranges,
+destroy, unwinding, and the plan fields other facilities fill in (C paths)."""
+import os
+import secrets
+import signal
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import PolicyError, SandboxError, SpawnError
+from sandbox.policy import load_policy
+from sandbox.runtime import sandbox as sbmod
+from sandbox.runtime import uidrange
+from sandbox.runtime.lifecycle import Step
+from tests.helpers.engine import (SANDBOXCTL, host_sleeper, make_sandbox, run, sh,  # noqa: F401
+                                  state_dir, tag)
+
+
+def ctl(state_dir, *args, **kw):
+    return subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state_dir), *args],
+                          capture_output=True, timeout=60, **kw)
+
+
+def test_cli_passes_exit_status_signal_stdin_and_timeout(state_dir):
+    assert ctl(state_dir, "--", "sh", "-c", "exit 7").returncode == 7
+    r = ctl(state_dir, "--", "sh", "-c", "kill -USR1 $$")
+    assert r.returncode == 128 + signal.SIGUSR1
+    payload = secrets.token_hex(8).encode()
+    r = ctl(state_dir, "--", "sh", "-c", "cat; echo to-err >&2", input=payload)
+    assert r.stdout == payload and r.stderr == b"to-err\n" and r.returncode == 0
+    r = ctl(state_dir, "--timeout", "1", "--", "sleep", "30")
+    assert r.returncode == 128 + signal.SIGKILL
+    assert b"time limit" in r.stderr
+    r = ctl(state_dir, "--env", "NOT_ALLOWED_X=1", "--", "true")
+    assert r.returncode == 2 and b"NOT_ALLOWED_X" in r.stderr and b"Traceback" not in r.stderr
+    assert not list((state_dir / "sandboxes").iterdir())  # every run destroyed its sandbox
+
+
+def test_host_workspace_stays_owned_by_its_owner(make_sandbox, tmp_path):
+    ws = tmp_path / f"{tag()}-ws"
+    ws.mkdir()
+    os.chown(ws, 4242, 4243)
+    pol = load_policy("default", {"limits": {"host_workspace": "unbounded"}})
+    sb = make_sandbox(pol, workspace=str(ws))
+    res = sh(sb, "stat -c %u:%g .; echo data > made-inside; mkdir dir-inside; "
+                 "stat -c %u:%g made-inside")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.split() == [b"1000:1000", b"1000:1000"]  # the agent's, inside
+    for name in ("made-inside", "dir-inside"):
+        st = (ws / name).stat()
+        assert (st.st_uid, st.st_gid) == (4242, 4243)  # the owner's, on the host
+
+
+def test_two_live_sandboxes_get_different_host_uid_ranges(make_sandbox):
+    a, b = make_sandbox(), make_sandbox()
+    maps = [Path(f"/proc/{s.init_pid}/uid_map").read_text().split() for s in (a, b)]
+    assert maps[0][1] != maps[1][1]
+    for s, m in zip((a, b), maps):
+        assert m == ["0", str(s.ctx.uidrange.base), "65536"]
+        uid = Path(f"/proc/{s.init_pid}/status").read_text().split("Uid:")[1].split()[0]
+        assert int(uid) == s.ctx.uidrange.base + 1000  # the agent, as the host sees it
+    assert abs(a.ctx.uidrange.base - b.ctx.uidrange.base) >= 65536
+
+
+def test_destroy_leaves_nothing(state_dir):
+    sb = sbmod.Sandbox.create(load_policy("default"), state_dir=state_dir)
+    pidfds = []
+    try:
+        r = sh(sb, "sleep 300 >/dev/null 2>&1 & echo $!")
+        assert r.exit_code == 0
+        mine = os.readlink(f"/proc/{sb.init_pid}/ns/pid")
+        for p in os.listdir("/proc"):
+            try:
+                if p.isdigit() and os.readlink(f"/proc/{p}/ns/pid") == mine:
+                    pidfds.append(os.pidfd_open(int(p)))
+            except OSError:
+                pass
+        assert len(pidfds) >= 2  # init and the background sleep
+        sdir, ws, base = sb.ctx.dir, Path(sb.ctx.workspace_host), sb.ctx.uidrange.base
+        assert sdir.exists() and ws.exists() and uidrange.in_use(state_dir, base)
+    finally:
+        report = sb.destroy()
+    assert report["leftovers"] == []
+    assert not sdir.exists() and not ws.exists()
+    assert not uidrange.in_use(state_dir, base)
+    for fd in pidfds:  # a pidfd polls readable once its process is gone
+        assert sbmod._wait_pidfd(fd, 5.0)
+        os.close(fd)
+    with open("/proc/self/mountinfo") as f:
+        assert str(state_dir) not in f.read()
+
+
+def _spy(monkeypatch, name):
+    seen = {}
+    orig = getattr(sbmod, name)
+
+    def wrapper(ctx):
+        seen["ctx"] = ctx
+        return orig(ctx)
+    monkeypatch.setattr(sbmod, name, wrapper)
+    return seen
+
+
+def _assert_unwound(ctx, state_dir):
+    assert not ctx.dir.exists()
+    assert ctx.workspace_host is None or not Path(ctx.workspace_host).exists()
+    assert not uidrange.in_use(state_dir, ctx.uidrange.base)
+    if ctx.cgroup is not None:
+        assert not any(p.exists() for p in ctx.cgroup.paths())
+
+
+def test_failure_at_a_middle_step_unwinds_the_earlier_ones(state_dir, monkeypatch):
+    seen = _spy(monkeypatch, "_rootfs_step")
+
+    def failing_spawn(ctx):
+        def do():
+            raise SandboxError("injected by the test", step="spawn")
+        return Step("spawn", do)
+    monkeypatch.setattr(sbmod, "_spawn_step", failing_spawn)
+    with pytest.raises(SandboxError, match="injected"):
+        sbmod.Sandbox.create(load_policy("default"), state_dir=state_dir)
+    assert seen["ctx"].uidrange is not None  # earlier steps had run
+    _assert_unwound(seen["ctx"], state_dir)
+
+
+def test_a_failure_in_the_c_child_is_one_clear_error_and_unwinds(state_dir, monkeypatch):
+    seen = _spy(monkeypatch, "_rootfs_step")
+    with pytest.raises(SpawnError) as ei:
+        sbmod.Sandbox.create(load_policy("default"), state_dir=state_dir, _fail_in_child=True)
+    e = ei.value
+    assert (e.step, e.syscall, e.errno) == ("test", "injected", 1)
+    assert "failure injected by a test" in str(e) and "EPERM" in str(e)
+    _assert_unwound(seen["ctx"], state_dir)
+
+
+def test_lifetime_timeout_kills_the_sandbox(make_sandbox):
+    pol = load_policy("default", {"timeout": "2s", "command_timeout": "2s"})
+    sb = make_sandbox(pol)
+    res = run(sb, ["sleep", "60"], timeout=60)
+    assert res.reason == "timeout" and "lifetime" in res.text
+    with pytest.raises(SandboxError, match="not running"):
+        run(sb, ["true"])
+
+
+def test_environment_allowlist(make_sandbox):
+    sb = make_sandbox()
+    res = sh(sb, "echo $TZ", env={"TZ": "UTC"})
+    assert res.stdout == b"UTC\n"
+    with pytest.raises(PolicyError, match="SBXT_NOT_ALLOWED"):
+        sh(sb, "true", env={"SBXT_NOT_ALLOWED": "x"})
+
+
+# ---- plan fields filled by other facilities: the C paths, with hand-made producers -----
+
+def _without(monkeypatch, *modules):
+    monkeypatch.setattr(sbmod, "FACILITY_MODULES",
+                        tuple(m for m in sbmod.FACILITY_MODULES if m not in modules))
+
+
+def _bpf(nr: int, action: int) -> bytes:
+    """seccomp_data.nr == nr ? action : ALLOW (x86_64 only: the arch is checked too)."""
+    ld_w_abs, jeq_k, ret_k = 0x20, 0x15, 0x06
+    ins = [(ld_w_abs, 0, 0, 4), (jeq_k, 1, 0, 0xC000003E), (ret_k, 0, 0, 0),  # AUDIT_ARCH_X86_64
+           (ld_w_abs, 0, 0, 0), (jeq_k, 0, 1, nr), (ret_k, 0, 0, action),
+           (ret_k, 0, 0, 0x7FFF0000)]
+    return b"".join(struct.pack("=HBBI", *i) for i in ins)
+
+
+SYS_MKDIR = 83
+
+
+def test_seccomp_filter_is_installed_last_before_execve(make_sandbox, monkeypatch):
+    _without(monkeypatch, "sandbox.kernel.seccomp")
+    sb = make_sandbox(plan_fields={"seccomp_bpf": _bpf(SYS_MKDIR, 0x00050000 | 1)})  # ERRNO(EPERM)
+    res = sh(sb, "mkdir /tmp/d; echo rc=$?; grep Seccomp: /proc/self/status")
+    assert b"Operation not permitted" in res.stderr and b"rc=1" in res.stdout
+    assert b"Seccomp:\t2" in res.stdout
+
+
+def test_seccomp_notify_listener_reaches_the_parent(make_sandbox, monkeypatch):
+    _without(monkeypatch, "sandbox.kernel.seccomp")
+    monkeypatch.setattr(sbmod, "SUPERVISOR_MODULE", "sandbox.runtime._no_such_supervisor")
+    got = []
+
+    def handler(fd, pid):
+        got.append((os.readlink(f"/proc/self/fd/{fd}"), pid))
+        os.close(fd)  # nobody answers: the notified call fails with ENOSYS
+    sb = make_sandbox(plan_fields={"seccomp_bpf": _bpf(SYS_MKDIR, 0x7FC00000),  # USER_NOTIF
+                                   "seccomp_notify": True}, seccomp_listener=handler)
+    res = sh(sb, "mkdir /tmp/d; echo rc=$?")
+    assert len(got) == 1 and "seccomp" in got[0][0]
+    assert b"rc=1" in res.stdout and b"not implemented" in res.stderr.lower()
+
+
+@pytest.fixture
+def netns():
+    name = f"{tag()}-ns"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_netns_fd_joins_that_namespace_and_restores_the_thread(make_sandbox, netns):
+    before = os.readlink("/proc/thread-self/ns/net")
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        sb = make_sandbox(plan_fields={"netns_fd": fd})
+    finally:
+        os.close(fd)
+    assert os.readlink("/proc/thread-self/ns/net") == before
+    inside = os.readlink(f"/proc/{sb.init_pid}/ns/net")
+    assert inside == f"net:[{os.stat(netns).st_ino}]" and inside != before
+
+
+@pytest.fixture
+def cgroups():
+    v2 = Path(f"/sys/fs/cgroup/unified/{tag()}-eng")
+    v1 = Path(f"/sys/fs/cgroup/pids/{tag()}-eng")
+    v2.mkdir()
+    v1.mkdir()
+    try:
+        yield v2, v1
+    finally:
+        for d in (v2, v1):
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except OSError:
+                    import time
+                    time.sleep(0.1)  # the killed init leaves the cgroup asynchronously
+
+
+def test_cgroup_fields_place_init_before_it_runs(make_sandbox, monkeypatch, cgroups):
+    _without(monkeypatch, "sandbox.kernel.cgroups")
+    v2, v1 = cgroups
+    fd = os.open(v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sb = make_sandbox(plan_fields={"cgroup2_fd": fd,
+                                       "cgroup_v1_procs": [str(v1 / "cgroup.procs")]})
+    finally:
+        os.close(fd)
+    assert str(sb.init_pid) in (v2 / "cgroup.procs").read_text().split()
+    assert str(sb.init_pid) in (v1 / "cgroup.procs").read_text().split()
+    sb.destroy()
