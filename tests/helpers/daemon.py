@@ -102,3 +102,67 @@ def alive(pid: int) -> bool:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     return state != "Z"
+
+
+# -- the OpenAPI document as a checker ---------------------------------------------------------
+SPEC_PATH = REPO / "docs" / "openapi.yaml"
+
+
+def load_spec() -> dict:
+    import yaml
+    return yaml.safe_load(SPEC_PATH.read_text())
+
+
+def spec_routes(spec: dict) -> set[tuple[str, str]]:
+    methods = {"get", "put", "post", "delete", "patch"}
+    return {(m.upper(), path) for path, item in spec["paths"].items() for m in item if m in methods}
+
+
+def _resolve(spec: dict, obj: dict) -> dict:
+    while "$ref" in obj:
+        node = spec
+        for part in obj["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        obj = node
+    return obj
+
+
+def check_response(spec: dict, method: str, template: str, status: int, content_type: str,
+                   body: bytes) -> None:
+    """Assert the response is documented for this operation and its body fits the schema.
+    NDJSON bodies are checked line by line."""
+    import json
+
+    import jsonschema_rs
+    op = spec["paths"][template][method.lower()]
+    responses = op["responses"]
+    assert str(status) in responses, f"{method} {template}: status {status} is not documented"
+    resp = _resolve(spec, responses[str(status)])
+    ctype = content_type.split(";")[0].strip()
+    content = resp.get("content", {})
+    assert ctype in content, f"{method} {template} {status}: content type {ctype} not documented"
+    schema = content[ctype]["schema"]
+    root = {**schema, "components": spec["components"]}   # so '#/components/...' refs resolve
+    validator = jsonschema_rs.validator_for(root)
+    if ctype == "application/json":
+        docs = [json.loads(body)]
+    elif ctype == "application/x-ndjson":
+        docs = [json.loads(line) for line in body.splitlines() if line.strip()]
+    else:
+        docs = [body.decode()]
+    for doc in docs:
+        errors = [str(e) for e in validator.iter_errors(doc)]
+        assert not errors, f"{method} {template} {status}: {errors[:3]} in {str(doc)[:300]}"
+
+
+def raw_request(socket_path: str, method: str, path: str, *, body: bytes | None = None,
+                headers: dict | None = None, timeout: float = 60) -> tuple[int, str, bytes]:
+    """One request on a fresh connection: (status, content type, body)."""
+    from sandbox.client import _UnixHTTPConnection
+    conn = _UnixHTTPConnection(socket_path, timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type", ""), r.read()
+    finally:
+        conn.close()
