@@ -344,20 +344,26 @@ class SandboxCgroup:
 
     def mark(self) -> dict:
         """Start of a command: remember counters so since() gives that command's figures."""
-        m = {"usage": self.usage(), "events": self.events()}
-        self._reset_peak()
-        return m
+        return {"usage": self.usage(), "events": self.events(), "peak": self._start_peak()}
 
     def since(self, mark: dict) -> dict:
-        """Figures of one command: cpu time and events since mark(), peaks during it."""
+        """Figures of one command: cpu time and events since mark(), its memory peak where
+        the kernel can reset one (else the sandbox's), and the oom/pids event counts, which
+        reason() turns into the command's reason."""
         now, ev = self.usage(), self.events()
         out = dict(now)
         out["cpu_seconds"] = round(now["cpu_seconds"] - mark["usage"]["cpu_seconds"], 6)
         out.update({k: ev[k] - mark["events"].get(k, 0) for k in ev})
+        peak = self._end_peak(mark.get("peak"))
+        if peak is not None:
+            out["memory_peak"] = peak
         return out
 
-    def _reset_peak(self):
-        pass
+    def _start_peak(self):
+        return None
+
+    def _end_peak(self, token) -> int | None:
+        return None
 
     def _pids_figures(self, d: Path) -> dict:
         """pids.current and pids.peak; where the kernel has no pids.peak (before 6.13 on
@@ -414,6 +420,30 @@ class V2Cgroup(SandboxCgroup):
     def thaw(self):
         _write(self.v2_dir / "cgroup.freeze", "0")
 
+    def _start_peak(self):
+        # Since 6.12 writing to memory.peak resets it for that open file only
+        # (cgroup-v2.rst "memory.peak"): a per-command peak without touching the sandbox's.
+        try:
+            fd = os.open(self.v2_dir / "memory.peak", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            os.write(fd, b"reset\n")
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
+
+    def _end_peak(self, fd) -> int | None:
+        if fd is None:
+            return None
+        try:
+            return int(os.pread(fd, 64, 0).split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        finally:
+            os.close(fd)
+
     def usage(self) -> dict:
         d = self.v2_dir
         cpu = _read_keyed(d / "cpu.stat").get("usage_usec", 0)
@@ -468,27 +498,30 @@ class V1Cgroup(SandboxCgroup):
             return _read_keyed(self.v2_dir / "cpu.stat").get("usage_usec", 0) / 1e6
         return 0.0
 
+    def _raw_peak(self) -> int:
+        return _read_int(self.v1_dirs["memory"] / "memory.max_usage_in_bytes")
+
     def usage(self) -> dict:
+        """Sandbox figures. memory_peak is over the sandbox's life: mark() resets the
+        kernel's counter per command, so the highest value seen is kept here."""
         mem, pids = self.v1_dirs["memory"], self.v1_dirs["pids"]
-        peak = _read_int(mem / "memory.max_usage_in_bytes")
-        self._peak_seen = max(getattr(self, "_peak_seen", 0), peak)
+        self._peak_seen = max(getattr(self, "_peak_seen", 0), self._raw_peak())
         return {"cpu_seconds": self._cpu_seconds(),
                 "memory_current": _read_int(mem / "memory.usage_in_bytes"),
-                "memory_peak": peak,
+                "memory_peak": self._peak_seen,
                 **self._pids_figures(pids)}
 
-    def sandbox_memory_peak(self) -> int:
-        """Peak over the sandbox's life (mark() resets the per-command counter)."""
-        self.usage()
-        return self._peak_seen
-
-    def _reset_peak(self):
+    def _start_peak(self):
         # memory.max_usage_in_bytes is reset by writing 0 (cgroup-v1/memory.rst 5.4).
         self.usage()
         try:
             _write(self.v1_dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            return "reset"
         except CgroupError:
-            pass
+            return None
+
+    def _end_peak(self, token) -> int | None:
+        return self._raw_peak() if token else None
 
     def events(self) -> dict:
         oom = _read_keyed(self.v1_dirs["memory"] / "memory.oom_control")

@@ -59,7 +59,7 @@ MS_NOSUID, MS_NODEV = 0x2, 0x4
 EXT4_IOC_SHUTDOWN = 0x8004587D
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 MNT_DETACH = 2
-_WAIT_STEPS, _WAIT_SLEEP = 1000, 0.005
+_WAIT_STEPS, _WAIT_SLEEP = 2000, 0.005          # bounded: 10 s for the loop to let go
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]

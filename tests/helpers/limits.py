@@ -134,8 +134,21 @@ def check_memory_bomb(made: Made):
     assert cg.reason() == ("oom", "killed: memory limit 64 MiB reached")
 
 
+def favour_cpu(cg):
+    """Give the cgroup and its parent the highest CPU weight, so that on a host loaded by
+    other tests the spinner still finds the half CPU its quota allows: the quota is the
+    ceiling under test, not the scheduler's fairness (v1 cpu.shares, v2 cpu.weight)."""
+    if "cpu" in cg.v1_dirs:
+        for d in (cg.v1_dirs["cpu"].parent, cg.v1_dirs["cpu"]):
+            (d / "cpu.shares").write_text("262144")
+    else:
+        for d in (cg.v2_dir.parent, cg.v2_dir):
+            (d / "cpu.weight").write_text("10000")
+
+
 def check_cpu_quota(made: Made):
     cg = made.create("spinner")
+    favour_cpu(cg)
     made.start(cg, python(SPINNER))
     time.sleep(0.3)                       # let it start
     c0, t0 = cg.usage()["cpu_seconds"], time.monotonic()

@@ -87,8 +87,9 @@ def test_cleanup_after_a_crash_is_idempotent(base):
     _gone(d)
 
 
-def test_remove_while_a_host_process_holds_a_file(base):
+def test_remove_while_a_host_process_holds_a_file(base, monkeypatch):
     """An open file (e.g. a straggler) must not make teardown leave the image behind."""
+    monkeypatch.setattr(disk, "_WAIT_STEPS", 40)     # do not wait the full 10 s here
     d = disk.create("busy", 16 * MiB, base=base)
     f = open(d.tmp_dir / "held", "w")
     try:

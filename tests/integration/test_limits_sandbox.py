@@ -16,7 +16,7 @@ from sandbox.errors import CgroupError
 from sandbox.kernel import cgroups
 from sandbox.policy import load_policy
 from tests.helpers.engine import PY, py, sh, state_dir  # noqa: F401 - fixture
-from tests.helpers.limits import FORK_BOMB, SMALL, alive, parent_name
+from tests.helpers.limits import FORK_BOMB, SMALL, alive, favour_cpu, parent_name
 
 LIMITS = {"cpus": SMALL.cpus, "memory": "64MiB", "pids": SMALL.pids, "disk": "64MiB", "swap": "0"}
 
@@ -95,6 +95,7 @@ def test_disk_filler_gets_enospc_at_the_limit(box, where):
 def test_cpu_spinner_gets_about_half_a_cpu(box):
     """Sampled over 2 s while the spinner runs (not its start-up)."""
     sb, _ = box()
+    favour_cpu(sb.ctx.cgroup)
     spin = "import time\nend = time.monotonic() + 4\nwhile time.monotonic() < end: pass\n"
 
     async def measure():
