@@ -79,6 +79,7 @@ class SandboxContext:
     keep_workspace: bool = False
     tmp_dir: str | None = None           # the disk step may give /tmp a host directory
     workspace_dir: str | None = None     # the disk step may give the auto workspace a home
+    workspace_host: str | None = None    # the host dir mounted at /home/agent/workspace
     nameservers: tuple = ()              # the network step's resolver for /etc/resolv.conf
     seccomp_listener: Callable[[int, int], None] | None = None  # supervisor: (fd, pid)
     mount_fds: list = field(default_factory=list)
@@ -176,8 +177,9 @@ def _rootfs_step(ctx: SandboxContext) -> Step:
             ws = str(mounts.validate_host_dir(ctx.workspace, "workspace", forbidden))
             ws_op = _tree_op(ws, ctx, ws_attr, idmap=True)
         else:
-            auto = _auto_workspace(ctx)
+            ws = auto = _auto_workspace(ctx)
             ws_op = _tree_op(auto, ctx, ws_attr, idmap=False)
+        ctx.workspace_host = ws
         context_op = shared_op = tmp_op = None
         if ctx.context:
             c = str(mounts.validate_host_dir(ctx.context, "context", forbidden))
@@ -293,9 +295,10 @@ class Sandbox:
     def create(cls, policy, *, workspace=None, context=None, shared=None, keep_workspace=None,
                audit: AuditSink = NULL_SINK, state_dir: Path = DEFAULT_STATE_DIR,
                sandbox_id: str | None = None, _fail_in_child: bool = False,
-               **ctx_fields) -> "Sandbox":
-        """Build a sandbox (sync). ctx_fields set SandboxContext fields before the steps
-        run (e.g. cgroup_parent for tests goes to ctx.extra)."""
+               plan_fields: dict | None = None, **ctx_fields) -> "Sandbox":
+        """Build a sandbox (sync). ctx_fields set SandboxContext attributes and plan_fields
+        SpawnPlan fields before the steps run (tests: cgroup_parent, a hand-made netns_fd or
+        seccomp_bpf; a facility step that runs later sets its own fields over them)."""
         sid = sandbox_id or uuid.uuid4().hex[:12]
         fs = policy.filesystem
         plan = SpawnPlan(uid=policy.user.uid, gid=policy.user.gid, hostname=policy.hostname,
@@ -307,6 +310,10 @@ class Sandbox:
             context=os.fspath(context) if context else None,
             shared=os.fspath(shared) if shared else (fs.shared or None),
             keep_workspace=fs.keep_workspace if keep_workspace is None else keep_workspace)
+        for k, v in (plan_fields or {}).items():
+            if not hasattr(plan, k):
+                raise TypeError(f"SpawnPlan has no field {k!r}")
+            setattr(plan, k, v)
         for k, v in ctx_fields.items():
             setattr(ctx, k, v)  # e.g. cgroup_parent (read by the cgroup step with getattr)
         life = Lifecycle(sid, audit)
@@ -473,7 +480,11 @@ class Sandbox:
         self.ctx.cgroup.thaw()
 
     def usage(self) -> dict:
-        return self.ctx.cgroup.usage() if self.ctx.cgroup is not None else {}
+        u = self.ctx.cgroup.usage() if self.ctx.cgroup is not None else {}
+        net = self.ctx.extra.get("network")  # set by the network step (kernel/network.py)
+        if net is not None:
+            u.update(net.usage())  # net_tx_bytes, net_rx_bytes, net_drops
+        return u
 
     def info(self) -> dict:
         c = self.ctx
