@@ -30,8 +30,9 @@ from sandbox.audit.query import iter_records
 
 _LIFECYCLE = {"sandbox_create", "create", "freeze", "thaw", "resume", "kill", "sandbox_destroy",
               "destroy", "setup_step", "teardown_step", "recovery", "recovery_found",
-              "recovery_removed", "recovery_leftover", "timeout", "file_write", "file_read"}
-_ENDED = {"sandbox_destroy", "destroy", "recovery_removed"}
+              "recovery_removed", "recovery_leftover", "timeout", "file_write", "file_read",
+              "sandbox_kill"}
+_ENDED = {"sandbox_destroy", "destroy", "daemon_destroy", "recovery_removed"}
 
 
 def _kind(rec: dict) -> str:
@@ -48,7 +49,7 @@ def _kind(rec: dict) -> str:
         return "finding"
     if action and action.startswith("escalation"):
         return "escalation"
-    if action in _LIFECYCLE:
+    if action in _LIFECYCLE or (action or "").startswith("daemon_"):
         return "lifecycle"
     return "other"
 
