@@ -82,3 +82,37 @@ def ps_table(sandboxes: list[dict]) -> str:
 
 def now() -> float:
     return time.time()
+
+
+def run_via_daemon(args, parse_env) -> int | None:
+    """`sandboxctl run` through a running daemon: create, exec (scanned), destroy.
+
+    None when there is no daemon to talk to (or the run needs something only the in-process
+    engine offers: --context, --keep-workspace, a policy file path), so the caller falls back
+    to the in-process engine. SANDBOXD_NO_DAEMON=1 forces the fallback.
+    """
+    import os
+    import stat
+    from sandbox.client import DEFAULT_SOCKET, Client, NotRunning, token_from_env
+    from sandbox.cli.commands.exec import stream_events
+    sock = os.environ.get("SANDBOXD_SOCKET", DEFAULT_SOCKET)
+    if (os.environ.get("SANDBOXD_NO_DAEMON") == "1" or not os.path.exists(sock)
+            or args.context or args.keep_workspace or "/" in args.policy
+            or args.policy.endswith(".toml")):
+        return None
+    env = parse_env(args.env)
+    stdin = None
+    mode = os.fstat(0).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISFIFO(mode):     # piped input; a terminal is never relayed
+        stdin = sys.stdin.buffer.read().decode("utf-8", "surrogateescape")
+    with Client(sock, token=token_from_env()) as c:
+        try:
+            c.health()
+        except NotRunning:
+            return None
+        sb = call(c.create, args.policy, None, args.workspace)
+        try:
+            return call(stream_events, c.exec_events(sb["id"], args.command, env=env or None,
+                                                     stdin=stdin, timeout=args.timeout), False)
+        finally:
+            call(c.destroy, sb["id"])

@@ -38,7 +38,8 @@ def _parse_env(items: list[str]) -> dict:
 def _via_daemon(args):
     """DAEMON HOOK (owned by the daemon engineer): when a daemon is running, send the run to
     it and return the exit status; None means "no daemon: use the in-process engine"."""
-    return None
+    from sandbox.cli.commands._daemon import run_via_daemon
+    return run_via_daemon(args, _parse_env)
 
 
 def _tty_stdin():
