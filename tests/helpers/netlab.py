@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 PY = sys.executable
 HOSTS = {"web": "10.250.1.2", "plain": "10.250.2.2", "dns": "10.250.3.2"}
 ZONE = {  # the fake upstream's answers (A records, ttl 60)
@@ -200,6 +202,24 @@ class NetLab:
                 os.unlink(f"{self.netns_dir}/{n}")
             os.rmdir(self.netns_dir)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    """The little internet, with the network module pointed at its host namespace; checks
+    at the end that the REAL root netns holds nothing of ours."""
+    from sandbox.kernel import network
+    lab = NetLab()
+    saved = network.CONFIG
+    try:
+        lab.start()
+        network.configure(host_netns=f"/run/netns/{lab.host}", netns_dir=lab.netns_dir)
+        yield lab
+    finally:
+        network.CONFIG = saved
+        lab.close()
+        left = root_netns_leftovers()
+        assert not left, f"objects left in the REAL root netns: {left}"
 
 
 def root_netns_leftovers() -> list[str]:

@@ -17,24 +17,9 @@ from sandbox.audit.sink import MemorySink
 from sandbox.errors import UnsupportedError
 from sandbox.kernel import netfilter, network, tc
 from sandbox.policy.schema import NetworkPolicy, Policy
-from tests.helpers.netlab import NetLab, client, root_netns_leftovers, sh, wait_for
+from tests.helpers.netlab import client, lab, sh, wait_for  # noqa: F401 (lab: fixture)
 
 DNS_UP = "10.250.3.2"
-
-
-@pytest.fixture(scope="module")
-def lab():
-    lab = NetLab()
-    saved = network.CONFIG
-    try:
-        lab.start()
-        network.configure(host_netns=f"/run/netns/{lab.host}", netns_dir=lab.netns_dir)
-        yield lab
-    finally:
-        network.CONFIG = saved
-        lab.close()
-        left = root_netns_leftovers()
-        assert not left, f"objects left in the REAL root netns: {left}"
 
 
 class Intents:
