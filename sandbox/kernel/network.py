@@ -581,38 +581,42 @@ def cleanup_leftovers(active_ids=(), cfg: NetConfig | None = None) -> list[str]:
 
 # ---- doctor ----------------------------------------------------------------------------
 
-def probe(cfg: NetConfig | None = None) -> dict[str, str]:
-    """What the egress mode needs on this host: {check: "ok" | reason}."""
+def probe(cfg: NetConfig | None = None) -> list[tuple[str, bool, str]]:
+    """For `sandboxctl doctor`: (feature, ok, detail) rows for what the network modes need.
+    Read-only in the daemon's netns (a throwaway named netns is made and removed)."""
     cfg = cfg or CONFIG
     hs = HostSide.get(cfg)
-    out = {}
+    rows = []
 
-    def check(name, fn):
+    def check(name, fn, detail):
         try:
-            fn()
-            out[name] = "ok"
+            hs.call(fn)
+            rows.append((name, True, detail))
         except Exception as e:  # noqa: BLE001 - reported, not raised
-            out[name] = str(e)
+            rows.append((name, False, str(e)))
 
     def nft():
         from sandbox.kernel.netfilter import Firewall
-        Firewall().tables()
+        fw = Firewall()
+        try:
+            fw.tables()
+        finally:
+            fw.close()
 
     def netns():
         ns = f"{cfg.prefix}-probe-{os.getpid()}"
-        fd = _create_netns(hs, ns)
-        os.close(fd)
+        os.close(_create_netns(hs, ns))
         _remove_netns_path(_netns_path(ns, cfg))
 
     def tcprobe():
         from sandbox.kernel import tc
         tc.probe()
 
-    check("nftables", lambda: hs.call(nft))
-    check("netns", lambda: hs.call(netns))
-    check("tc", lambda: hs.call(tcprobe))
-    check("ip_forward", lambda: hs.call(_check_forwarding))
-    return out
+    check("nftables (netlink)", nft, "per-sandbox tables, sets with timeouts")
+    check("network namespaces", netns, f"named under {cfg.netns_dir}")
+    check("tc (rtnetlink)", tcprobe, "tbf rate limits")
+    check("ip_forward", _check_forwarding, "needed by network.mode = egress only")
+    return rows
 
 
 # ---- allowlist entries ---------------------------------------------------------------
