@@ -6,11 +6,119 @@
 - `sbx-seccomp-exec BPF_FILE SOCK_FD UID -- ARGV...`: a stand-in for the engine's command
   child: drops to UID, sets no_new_privs, installs the filter (with NEW_LISTENER when
   SOCK_FD >= 0, sending the listener over that unix socket and closing it), then execs.
+  scripts/bench_seccomp.py uses it to compare the same program with and without a filter.
 """
 from __future__ import annotations
 
+import errno
 import subprocess
 from pathlib import Path
+
+from sandbox.kernel import seccomp
+
+# ---- what the attacker tries (shared by the harness and the sandbox tests)
+
+AT_FDCWD = 0xFFFFFF9C  # (unsigned) -100
+
+# name -> raw arguments (NULL pointers, invalid fds, bogus magic): harmless even if let through.
+DENIED_CALLS = {
+    "mount": [0, 0, 0, 0, 0],
+    "umount2": [0, 0],
+    "pivot_root": [0, 0],
+    "chroot": [0],
+    "setns": [0xFFFFFFFF, 0],
+    "unshare": [0x10000000],                                  # CLONE_NEWUSER
+    "ptrace": [16, 1, 0, 0],                                  # PTRACE_ATTACH pid 1
+    "process_vm_readv": [1, 0, 0, 0, 0, 0],
+    "process_vm_writev": [1, 0, 0, 0, 0, 0],
+    "pidfd_getfd": [0xFFFFFFFF, 0, 0],
+    "keyctl": [0, 0xFFFFFFFD],                                # KEYCTL_GET_KEYRING_ID
+    "add_key": [0, 0, 0, 0, 0],
+    "request_key": [0, 0, 0, 0],
+    "bpf": [0, 0, 0],
+    "perf_event_open": [0, 0, 0xFFFFFFFF, 0xFFFFFFFF, 0],
+    "userfaultfd": [0],
+    "kexec_load": [0, 0, 0, 0],
+    "kexec_file_load": [0xFFFFFFFF, 0xFFFFFFFF, 0, 0, 0],
+    "init_module": [0, 0, 0],
+    "finit_module": [0xFFFFFFFF, 0, 0],
+    "delete_module": [0, 0],
+    "open_by_handle_at": [0xFFFFFFFF, 0, 0],
+    "name_to_handle_at": [0xFFFFFFFF, 0, 0, 0, 0],
+    "iopl": [4],
+    "ioperm": [0, 0, 0],
+    "modify_ldt": [0, 0, 0],
+    "swapon": [0, 0],
+    "swapoff": [0],
+    "reboot": [0, 0, 0, 0],                                   # bad magic
+    "acct": [0],
+    "settimeofday": [0, 0],
+    "clock_settime": [0, 0],
+    "clock_adjtime": [0, 0],
+    "adjtimex": [0],
+    "io_uring_setup": [1, 0],
+    "io_uring_enter": [0xFFFFFFFF, 0, 0, 0, 0, 0],
+    "io_uring_register": [0xFFFFFFFF, 0, 0, 0],
+    "fanotify_init": [0, 0],
+    "lookup_dcookie": [0, 0, 0],
+    "quotactl": [0, 0, 0, 0],
+    "quotactl_fd": [0xFFFFFFFF, 0, 0, 0],
+    "vhangup": [],
+    "nfsservctl": [0, 0, 0],
+    "uselib": [0],
+    "syslog": [3, 0, 0],
+    "move_mount": [0xFFFFFFFF, 0, 0xFFFFFFFF, 0, 0],
+    "fsopen": [0, 0],
+    "fsmount": [0xFFFFFFFF, 0, 0],
+    "fspick": [0xFFFFFFFF, 0, 0],
+    "open_tree": [0xFFFFFFFF, 0, 0],
+    "mount_setattr": [0xFFFFFFFF, 0, 0, 0, 0],
+}
+assert set(DENIED_CALLS) == set(seccomp.FIXED_DENY) - set(seccomp.ARG_FILTERED)
+
+# Argument-dependent denials: (test id, syscall, args, argument that must be recorded).
+DENIED_USES = [
+    ("clone-newuser", "clone", [0x10000000 | 17, 0, 0, 0, 0], ("flags", 0x10000011)),
+    ("clone-newnet", "clone", [0x40000000 | 17, 0, 0, 0, 0], ("flags", 0x40000011)),
+    ("clone-newns", "clone", [0x00020000 | 17, 0, 0, 0, 0], ("flags", 0x00020011)),
+    ("socket-netlink-audit", "socket", [16, 3, 9], ("family", 16)),
+    ("socket-packet", "socket", [17, 3, 0], ("family", 17)),
+    ("socket-inet-raw", "socket", [2, 3, 1], ("type", 3)),
+    ("socket-inet6-raw", "socket", [10, 3, 58], ("type", 3)),
+    ("socket-bluetooth", "socket", [31, 1, 0], ("family", 31)),
+    ("socket-alg", "socket", [38, 5, 0], ("family", 38)),
+    ("socket-vsock", "socket", [40, 1, 0], ("family", 40)),
+    ("socketpair-inet", "socketpair", [2, 1, 0, 0], ("family", 2)),
+    ("ioctl-tiocsti", "ioctl", [0, 0x5412, 0], ("request", 0x5412)),
+    # high bits set: the kernel still reads TIOCSTI (CVE-2019-10063)
+    ("ioctl-tiocsti-highbits", "ioctl", [0, 0x100005412, 0], ("request", 0x100005412)),
+    ("ioctl-tioclinux", "ioctl", [0, 0x541C, 0], ("request", 0x541C)),
+    ("personality-no-aslr", "personality", [0x0040000], ("persona", 0x0040000)),
+    ("personality-read-implies-exec", "personality", [0x0400000], ("persona", 0x0400000)),
+    ("personality-highbits", "personality", [0x100000000], ("persona", 0x100000000)),
+    ("mknod-chr", "mknod", [0, 0o020600, 0x103], ("mode", 0o020600)),
+    ("mknodat-blk", "mknodat", [AT_FDCWD, 0, 0o060600, 0x800], ("mode", 0o060600)),
+]
+
+
+# Harmless uses of the argument-filtered syscalls, and the quiet refusals: no record.
+ALLOWED_USES = [
+    ("personality-query", "personality", [0xFFFFFFFF], lambda r, e: r >= 0),
+    ("personality-linux", "personality", [0], lambda r, e: r >= 0),
+    ("socket-unix", "socket", [1, 1 | 0x80000, 0], lambda r, e: r >= 0),
+    ("socket-inet-dgram", "socket", [2, 2, 0], lambda r, e: r >= 0),
+    ("socketpair-unix", "socketpair", [1, 1, 0, 0], lambda r, e: e == errno.EFAULT),
+    ("ioctl-tcgets", "ioctl", [0, 0x5401, 0], lambda r, e: e != errno.EPERM),
+    ("mknod-fifo-null-path", "mknod", [0, 0o010600, 0], lambda r, e: e == errno.EFAULT),
+    # glibc's getaddrinfo probes NETLINK_ROUTE and carries on: refused quietly.
+    ("socket-netlink-route", "socket", [16, 3, 0], lambda r, e: e == errno.EAFNOSUPPORT),
+    # glibc falls back from clone3 to clone on ENOSYS; not a violation.
+    ("clone3-enosys", "clone3", [0, 0], lambda r, e: e == errno.ENOSYS),
+    # Not allowlisted, not deny-listed: plain EPERM, nothing to report.
+    ("sync-eperm", "sync", [], lambda r, e: e == errno.EPERM),
+]
+
+
 
 SYSCALL_C = r"""
 #define _GNU_SOURCE
@@ -117,47 +225,3 @@ def build(dest: Path) -> dict[str, Path]:
         out[name] = exe
     return out
 
-
-async def run_filtered(progs: dict, bpf: bytes, argv: list[str], *, tmp: Path, supervisor=None,
-                       uid: int = 65534, cwd: Path | None = None, env: dict | None = None,
-                       on_listener=None, timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run ARGV under the filter BPF through sbx-seccomp-exec. With a supervisor (or an
-    on_listener callback) the filter is installed with NEW_LISTENER and the listener fd is
-    handed over; returns (exit status, stdout, stderr)."""
-    import asyncio
-    import os
-    import socket
-
-    bpf_file = tmp / f"filter-{os.getpid()}-{id(bpf)}.bpf"
-    bpf_file.write_bytes(bpf)
-    notify = supervisor is not None or on_listener is not None
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if notify else (None, None)
-    pass_fds = (child.fileno(),) if child else ()
-    proc = await asyncio.create_subprocess_exec(
-        str(progs["exec"]), str(bpf_file), str(child.fileno() if child else -1), str(uid), "--", *argv,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, pass_fds=pass_fds,
-        cwd=str(cwd) if cwd else None, env=env)
-    try:
-        if child:
-            child.close()
-            loop = asyncio.get_running_loop()
-            parent.setblocking(False)
-            _, fds, _, _ = await asyncio.wait_for(loop.run_in_executor(
-                None, lambda: socket.recv_fds(_blocking(parent), 1, 1)), timeout)
-            if len(fds) != 1:
-                raise AssertionError("sbx-seccomp-exec sent no listener fd")
-            (on_listener or supervisor.watch)(fds[0])
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        return proc.returncode, out.decode(), err.decode()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        if parent:
-            parent.close()
-        bpf_file.unlink(missing_ok=True)
-
-
-def _blocking(sock):
-    sock.setblocking(True)
-    return sock
