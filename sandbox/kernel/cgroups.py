@@ -775,8 +775,30 @@ def kernel_at_least(major: int, minor: int, release: str | None = None) -> bool:
     return tuple(nums) >= (major, minor)
 
 
-def probe(layout: Layout | None = None) -> dict:
-    """For `sandboxctl doctor`: the layout, the controllers, and which limits are enforceable."""
+def probe(layout: Layout | None = None) -> list[tuple[str, bool, str]]:
+    """Rows (feature, ok, detail) for `sandboxctl doctor`: layout, controllers, limits."""
+    d = describe(layout)
+    en = d["enforceable"]
+    where = {"v2": f"cgroup2 at {d['unified_mount']}",
+             "hybrid": f"v1 controllers + controller-less cgroup2 at {d['unified_mount']}",
+             "v1": "v1 controllers only (no cgroup2)", "none": "no cgroup filesystem"}[d["layout"]]
+    ctrls = d["v2_controllers"] if d["layout"] == "v2" else d["v1_controllers"]
+    swap = ("host has no swap" if not d["host_swap_bytes"] else
+            "swap accounting present" if en["swap"] else "host has swap but no swap accounting")
+    return [
+        ("cgroup layout", d["layout"] != "none", f"{d['layout']}: {where}; driver {d['driver']}"),
+        ("cgroup controllers", en["memory"] and en["pids"], " ".join(ctrls) or "none"),
+        ("limit memory", en["memory"], "memory controller" if en["memory"] else "no memory controller"),
+        ("limit swap", en["swap"], swap),
+        ("limit pids", en["pids"], "pids controller" if en["pids"] else "no pids controller"),
+        ("limit cpus", en["cpus"], "CFS bandwidth (cpu controller)" if en["cpus"] else
+         "no cpu controller: policies with cpus > 0 are refused"),
+        ("freeze + kill", en["freeze"] and en["kill"], f"kill by {d['kill_method']}"),
+    ]
+
+
+def describe(layout: Layout | None = None) -> dict:
+    """The layout, the controllers, and which limits are enforceable, as a dict."""
     layout = layout or host_layout()
     have = layout.controllers()
     if layout.unified is not None and kernel_at_least(5, 14):

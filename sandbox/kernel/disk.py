@@ -361,14 +361,15 @@ def check_host_workspace(limits, workspace):
             "that writes to that directory are bounded only by the host filesystem")
 
 
-def probe(base: Path = DEFAULT_BASE) -> dict:
-    """For `sandboxctl doctor`: can this host make bounded sandbox disks?"""
-    out = {"mechanism": "ext4 image on a loop device", "loop_control": Path("/dev/loop-control").exists(),
-           "mkfs_ext4": Path(MKFS).exists(), "image_dir": str(base)}
-    probe_dir = base if base.exists() else base.parent
+def probe(base: Path = DEFAULT_BASE) -> list[tuple[str, bool, str]]:
+    """Rows for `sandboxctl doctor`: can this host make bounded sandbox disks?"""
+    probe_dir = base
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     st = os.statvfs(probe_dir)
-    out["image_dir_free_bytes"] = st.f_bavail * st.f_frsize
-    out["enforceable"] = out["loop_control"] and out["mkfs_ext4"]
-    return out
+    free = st.f_bavail * st.f_frsize
+    loop, mkfs = Path("/dev/loop-control").exists(), Path(MKFS).exists()
+    return [("limit disk", loop and mkfs,
+             f"ext4 image on a loop device (loop-control={'yes' if loop else 'MISSING'}, "
+             f"mkfs.ext4={'yes' if mkfs else 'MISSING'}); images in {base}, "
+             f"{free >> 30} GiB free there")]

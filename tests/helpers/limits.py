@@ -188,15 +188,25 @@ def check_freeze_thaw(made: Made):
     assert cg.pids() == []
 
 
+def without_controller(layout, missing: str):
+    """The host's layout as if `missing` were not there (a host that lacks it or does not
+    delegate it)."""
+    if layout.kind == "v2":
+        return cgroups.Layout("v2", layout.unified, layout.v2_controllers - {missing}, {},
+                              layout.swap_bytes)
+    v1 = {k: v for k, v in layout.v1.items() if k != missing}
+    return cgroups.Layout(layout.kind, layout.unified, layout.v2_controllers, v1, layout.swap_bytes)
+
+
+def cgroup_roots(layout) -> list:
+    """Every hierarchy root a sandbox cgroup is made under."""
+    return [layout.unified] + ([] if layout.kind == "v2" else list(layout.v1.values()))
+
+
 def check_missing_controller_refused(layout, driver_cls, missing: str):
     """A layout without `missing` must refuse a policy needing it, naming the controller."""
     import pytest
     from sandbox.errors import CgroupError
-    if layout.kind == "v2":
-        fake = cgroups.Layout("v2", layout.unified, layout.v2_controllers - {missing}, {}, 0)
-    else:
-        v1 = {k: v for k, v in layout.v1.items() if k != missing}
-        fake = cgroups.Layout(layout.kind, layout.unified, layout.v2_controllers, v1, 0)
-    drv = driver_cls(fake, parent=parent_name("-refused"))
+    drv = driver_cls(without_controller(layout, missing), parent=parent_name("-refused"))
     with pytest.raises(CgroupError, match=f"'{missing}'"):
         drv.create("refused", SMALL)

@@ -1,4 +1,5 @@
-"""Resource limits from inside a real sandbox (Sandbox API, hybrid host): the agent runs a
+"""Resource limits from inside a real sandbox (Sandbox API; the hybrid host here, and the
+same tests on cgroup v2 in the VM through tests/vm/test_cgroups_v2_sandbox.py): the agent runs a
 fork bomb, a memory bomb, a disk filler, a CPU spinner, a sleeper past its timeout and a
 double-forking daemon; the kernel stops each, the result says why, the audit log has it,
 and destroy leaves nothing."""
@@ -7,6 +8,7 @@ import os
 import shutil
 import time
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from sandbox.errors import CgroupError
 from sandbox.kernel import cgroups
 from sandbox.policy import load_policy
 from tests.helpers.engine import PY, py, sh, state_dir  # noqa: F401 - fixture
-from tests.helpers.limits import FORK_BOMB, SMALL, alive, favour_cpu, parent_name
+from tests.helpers.limits import (FORK_BOMB, SMALL, alive, cgroup_roots, favour_cpu, parent_name,
+                                  without_controller)
 
 LIMITS = {"cpus": SMALL.cpus, "memory": "64MiB", "pids": SMALL.pids, "disk": "64MiB", "swap": "0"}
 
@@ -25,7 +28,10 @@ LIMITS = {"cpus": SMALL.cpus, "memory": "64MiB", "pids": SMALL.pids, "disk": "64
 def box(state_dir):  # noqa: F811
     """box(**overrides) -> (sandbox, audit sink); destroyed, cgroup parent and disks removed."""
     from sandbox.runtime.sandbox import Sandbox
-    parent, disk_base = parent_name("-lim"), Path(f"/var/tmp/sbxt-{os.getpid()}-limdisk")
+    # Images live in the temp dir: on the host an ext4 disk, in the VM a tmpfs (its root is
+    # read-only); either way the image bounds the sandbox, not the directory.
+    parent = parent_name("-lim")
+    disk_base = Path(tempfile.gettempdir()) / f"sbxt-{os.getpid()}-limdisk"
     made = []
 
     def make(**policy_overrides):
@@ -134,15 +140,12 @@ def test_double_fork_and_detach_is_killed_on_destroy(box):
 @pytest.mark.parametrize("missing", ["pids", "memory"])
 def test_policy_asking_for_a_missing_controller_is_refused(box, state_dir, monkeypatch, missing):  # noqa: F811
     real = cgroups.host_layout()
-    fake = cgroups.Layout(real.kind, real.unified, real.v2_controllers,
-                          {k: v for k, v in real.v1.items() if k != missing}, real.swap_bytes)
-    monkeypatch.setattr(cgroups, "host_layout", lambda: fake)
+    monkeypatch.setattr(cgroups, "host_layout", lambda: without_controller(real, missing))
     with pytest.raises(CgroupError, match=f"controller '{missing}'"):
         box()
     assert not list(state_dir.glob("sandboxes/*")), "the refused sandbox left its state"
-    lim_parent = parent_name("-lim")
-    for root in ("memory", "pids", "unified"):
-        d = Path("/sys/fs/cgroup", root, lim_parent)
+    for root in cgroup_roots(real):
+        d = root / parent_name("-lim")
         assert not d.exists() or not [c for c in d.iterdir() if c.is_dir()], f"cgroup left in {d}"
 
 

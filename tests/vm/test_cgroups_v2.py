@@ -26,7 +26,7 @@ def made():
 
 
 def test_layout_is_v2():
-    info = cgroups.probe(_v2_layout())
+    info = cgroups.describe(_v2_layout())
     assert info["layout"] == "v2" and info["driver"] == "V2Driver"
     assert all(info["enforceable"][k] for k in ("memory", "pids", "cpus", "freeze", "kill"))
 
