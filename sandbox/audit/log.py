@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 from sandbox.audit.guard import Guard, salted_hash
 from sandbox.errors import AuditError
+from sandbox.runtime.intent import atomic_write_bytes, fsync_dir
 
 GENESIS = "0" * 64
 FILE_RE = re.compile(r"audit-(\d{6,})\.jsonl")
@@ -116,14 +117,6 @@ def parse_line(line: bytes) -> dict | None:
     if not isinstance(rec, dict) or rec.get("hash") != record_hash(rec):
         return None
     return rec
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -280,15 +273,7 @@ class AuditLog:
         except FileNotFoundError:
             pass
         salt = os.urandom(32)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, salt)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(self.dir)
+        atomic_write_bytes(path, salt)
         return salt
 
     def _open_newest(self) -> None:

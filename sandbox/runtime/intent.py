@@ -29,13 +29,13 @@ INTENT_FILE = "intent.json"
 _ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
-def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
-    """Replace `path` with `data` as JSON: temp file, fsync, rename, fsync the directory."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data`: temp file, fsync, rename, fsync the directory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(json.dumps(data, indent=1, sort_keys=True).encode())
+        view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
@@ -45,10 +45,15 @@ def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def atomic_write_json(path: Path, data: Any, mode: int = 0o600) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a create, a rename) durable: fsync(2) on the directory."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -94,7 +99,7 @@ class Intent:
             if (d / INTENT_FILE).exists():
                 raise SandboxError(f"sandbox {sandbox_id} already has an intent record at {d}",
                                    step="intent") from None
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
         data = {"version": 1, "sandbox": sandbox_id, "created": time.time(),
                 "owner": {"pid": os.getpid(), "starttime": proc_starttime(os.getpid())},
                 "meta": dict(meta or {}), "resources": []}
@@ -160,7 +165,7 @@ class Intent:
                 self.dir.rmdir()
             except OSError:
                 pass  # not empty: the engine's own files; its dir cleanup removes them
-            _fsync_dir(self.dir.parent)
+            fsync_dir(self.dir.parent)
 
     def _write(self) -> None:
         atomic_write_json(self.path, self.data)

@@ -25,7 +25,6 @@ import os
 import select
 import shutil
 import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
