@@ -628,5 +628,7 @@ def probe() -> dict:
         info["optimize"] = True
     except (OSError, NotImplementedError):
         pass
-    info["ok"] = info["arch"] == f"{_scmp.Arch.X86_64:#x}" and "errno" in info["actions"]
+    # What a default policy needs: x86_64, ERRNO and USER_NOTIF actions (seccomp.notify).
+    info["ok"] = (info["arch"] == f"{_scmp.Arch.X86_64:#x}" and "errno" in info["actions"]
+                  and info["user_notif"])
     return info

@@ -167,12 +167,17 @@ class SeccompSupervisor:
                           resource=details["syscall"], details=details)
         if self.denials > self.probe_threshold and not self.escalated:
             self.escalated = True
+            if hasattr(self.audit, "escalations"):
+                # The daemon's sink feeds its Escalations store (sandbox/audit/escalation.py),
+                # which already turns these "denied" records into a boundary_probing
+                # escalation: raising one here too would report the same probing twice.
+                return
             self.audit.record("escalation", sandbox=self.sandbox_id, outcome="warning",
-                              resource="seccomp",
-                              details={"kind": "boundary_probing", "denials": self.denials,
-                                       "threshold": self.probe_threshold,
-                                       "last_syscall": details["syscall"]})
-
+                              resource="boundary_probing",
+                              details={"kind": "boundary_probing", "severity": "warning",
+                                       "detail": {"denials": self.denials, "last": "seccomp",
+                                                  "threshold": self.probe_threshold,
+                                                  "syscall": details["syscall"]}})
 
 def _poll_now(fd: int) -> int:
     p = select.poll()

@@ -148,7 +148,7 @@ def test_probing_raises_one_escalation(progs, state_dir):
         assert res.stdout.decode().split() == ["-1", str(errno.EPERM)] * 5
         assert len(b.sink.find("seccomp_violation", syscall="ptrace")) == 5
         esc = b.sink.find("escalation", kind="boundary_probing")
-        assert len(esc) == 1 and esc[0]["sandbox"] == b.sb.id and esc[0]["details"]["denials"] == 4
+        assert len(esc) == 1 and esc[0]["sandbox"] == b.sb.id and esc[0]["details"]["detail"]["denials"] == 4
     finally:
         assert b.sb.destroy()["leftovers"] == []
 

@@ -50,7 +50,7 @@ def test_escalation_once_past_the_threshold():
     assert len(sink.find("seccomp_violation", syscall="ptrace")) == 5
     esc = sink.find("escalation")
     assert len(esc) == 1
-    assert esc[0]["details"]["kind"] == "boundary_probing" and esc[0]["details"]["denials"] == 3
+    assert esc[0]["details"]["kind"] == "boundary_probing" and esc[0]["details"]["detail"]["denials"] == 3
 
 
 def test_dead_target_is_still_recorded():
@@ -75,3 +75,14 @@ def test_make_step_wires_the_listener_hand_off():
     assert Ctx.seccomp_listener == sup.watch
     step.undo(sup)
     assert Ctx.seccomp_listener is None
+
+
+def test_no_second_escalation_when_the_sink_feeds_an_escalation_store():
+    class WatchingSink(MemorySink):
+        escalations = object()   # sandbox/audit/escalation.py's WatchingSink has this
+
+    sink = WatchingSink()
+    sup = sv.SeccompSupervisor("sbxt-unit", audit=sink, probe_threshold=1)
+    for _ in range(3):
+        sup._record(sv.decode(_notif(seccomp.resolve("ptrace"))), answered=True)
+    assert len(sink.find("seccomp_violation")) == 3 and sink.find("escalation") == []
