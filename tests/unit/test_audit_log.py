@@ -45,6 +45,14 @@ def test_busy_concurrent_run_verifies_and_rotates(tmp_path):
         assert seen == list(range(60))
 
 
+def _wait_for(pred):
+    for _ in range(1000):            # bounded: 10 s at most
+        if pred():
+            return True
+        threading.Event().wait(0.01)
+    return pred()
+
+
 def test_group_commit_shares_one_fdatasync_among_waiting_callers(tmp_path):
     n = 40
     release = threading.Event()
@@ -59,19 +67,17 @@ def test_group_commit_shares_one_fdatasync_among_waiting_callers(tmp_path):
     log = AuditLog(tmp_path, mirror=None, fsync=counting_fsync)   # call 1: the file header
     threads = [threading.Thread(target=log.record, args=("exec",), kwargs={"resource": str(i)})
                for i in range(n)]
-    for t in threads:
+    threads[0].start()
+    assert _wait_for(lambda: log.records == 1)       # the writer is inside flush #2
+    for t in threads[1:]:
         t.start()
-    for _ in range(1000):            # bounded wait: every record is in flush #2 or queued
-        if log.records + log.pending() == n:
-            break
-        threading.Event().wait(0.01)
-    assert log.records + log.pending() == n and log.pending() > 0
+    assert _wait_for(lambda: log.pending() == n - 1)  # everyone else waits for their record
     release.set()
     for t in threads:
         t.join()
     log.close()
     assert log.records == n
-    assert len(calls) == 3           # header, the first batch, then all the others in one flush
+    assert len(calls) == 3           # header, the first record, then all 39 others in one flush
     assert verify(tmp_path).ok
 
 
