@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 class DaemonProc:
     def __init__(self, *, client_group: str = "nogroup", admin_group: str = "sbxt-noadmin",
-                 extra_args: tuple = ()):
+                 extra_args: tuple = (), env: dict | None = None):
         self.tmp = Path(tempfile.mkdtemp(prefix=f"sbxt-{os.getpid()}-sbxd-"))
         self.socket = str(self.tmp / "sandboxd.sock")
         self.state = self.tmp / "state"
@@ -31,9 +31,11 @@ class DaemonProc:
                      "--run-dir", str(self.run), "--client-group", client_group,
                      "--admin-group", admin_group, *extra_args]
         self.proc: subprocess.Popen | None = None
+        self.extra_env = env or {}
 
     def start(self) -> "DaemonProc":
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SANDBOXD_TOKEN")}
+        env.update(self.extra_env)
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=self._logf, stderr=self._logf,
                                      env=env)
