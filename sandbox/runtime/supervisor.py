@@ -139,22 +139,23 @@ class SeccompSupervisor:
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):
                 return                 # the target died between poll and receive
-            self._unwatch(fd)          # unusable listener: the kernel now refuses with ENOSYS
-            self.audit.record("seccomp_supervisor", sandbox=self.sandbox_id, outcome="error",
-                              details={"error": os.strerror(e.errno), "errno": e.errno})
+            self._broken(fd, "receive", e)
             return
         notif = decode(bytes(buf))
-        answered = self._answer(fd, notif["id"])
+        try:
+            fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, deny_response(notif["id"]), False)
+            answered = True
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                self._broken(fd, "answer", e)
+            answered = False           # the target died (or was interrupted) before our answer
         self._record(notif, answered)
 
-    def _answer(self, fd: int, notif_id: int) -> bool:
-        try:
-            fcntl.ioctl(fd, SECCOMP_IOCTL_NOTIF_SEND, deny_response(notif_id), False)
-            return True
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                return False           # the target died (or was interrupted) before our answer
-            raise
+    def _broken(self, fd: int, what: str, e: OSError) -> None:
+        """An unusable listener: close it, so the kernel fails its syscalls with ENOSYS."""
+        self._unwatch(fd)
+        self.audit.record("seccomp_supervisor", sandbox=self.sandbox_id, outcome="error",
+                          resource=what, details={"error": os.strerror(e.errno), "errno": e.errno})
 
     def _record(self, notif: dict, answered: bool) -> None:
         self.denials += 1

@@ -116,6 +116,13 @@ def test_foreign_arch_int80_is_refused_and_reported(box):
     assert recs[0]["details"]["arch"] == "i386"
 
 
+def test_x32_syscall_numbers_are_refused_and_reported(box):
+    # __X32_SYSCALL_BIT | getpid, through the 64-bit syscall instruction.
+    (ret, err), recs = box.syscall(seccomp.X32_SYSCALL_BIT | seccomp.resolve("getpid"))
+    assert (ret, err) == (-1, errno.EPERM)
+    assert [r["details"]["syscall"] for r in recs] == [f"x32:{seccomp.resolve('getpid')}"]
+
+
 WORKLOADS = {
     "shell-pipeline": "printf 'b\\na\\nb\\n' | sort | uniq -c | awk '{s+=$1} END {print s}' | grep -qx 3",
     "python3": "python3 -c 'import subprocess, threading, hashlib, json; "
@@ -141,8 +148,11 @@ def test_ordinary_workloads_work_under_the_default_policy(box, name):
 
 
 def test_probing_raises_one_escalation(progs, state_dir):
-    b = _make_box(progs, state_dir, "scprobe", {"seccomp": {"probe_threshold": 3}})
+    b = _make_box(progs, state_dir, "scprobe", {"seccomp": {"probe_threshold": 3, "deny": ["getppid"]}})
     try:
+        # the policy's own deny list is refused and reported too
+        (ret, err), recs = b.syscall(seccomp.resolve("getppid"))
+        assert (ret, err) == (-1, errno.EPERM) and [r["details"]["syscall"] for r in recs] == ["getppid"]
         ptrace = seccomp.resolve("ptrace")
         res = b.run(["/bin/sh", "-c", "; ".join([f"{CONTEXT}/sbx-syscall {ptrace} 16 1"] * 5)])
         assert res.stdout.decode().split() == ["-1", str(errno.EPERM)] * 5
