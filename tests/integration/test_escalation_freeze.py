@@ -12,6 +12,7 @@ import pytest
 from sandbox.audit.escalation import Escalations
 from sandbox.audit.log import AuditLog, audit_files
 from sandbox.audit.query import query
+from sandbox.audit.replay import replay
 from sandbox.audit.verify import verify
 from sandbox.policy import load_policy
 from sandbox.runtime.recovery import find_leftovers
@@ -75,6 +76,12 @@ def test_boundary_probing_is_stopped_audited_and_escalated(world):
     open_ = esc.list(sandbox=sb.id)
     assert [e["kind"] for e in open_] == ["boundary_probing"] and not open_[0]["frozen"]
     assert query(tmp / "state", sandbox=sb.id, action="escalation")
+    # Replay of the real log: created, the 7 denied mounts, the escalation, the command's end.
+    tl = replay(tmp / "state", sb.id)
+    kinds = [e["kind"] for e in tl["events"] if e["kind"] != "other"]
+    assert kinds.index("denied") < kinds.index("exit")
+    assert [e["resource"] for e in tl["denials"]][:7] == ["mount"] * 7
+    assert "escalation" in kinds and tl["events"][0]["action"] == "setup_step"
 
 
 def test_secret_in_output_freezes_the_sandbox_until_thawed(world):
