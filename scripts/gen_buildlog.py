@@ -83,9 +83,14 @@ def _path(r):
     return "/".join(r.choice(WORDS) for _ in range(r.randint(2, 5))) + r.choice((".c", ".py", ".ts", ".go", ".rs"))
 
 
+# How often each kind of line below appears (per 1000 lines): mostly compiler, test and
+# package-manager chatter; base64 blobs, minified JS and documentation keys are rarer.
+KIND_WEIGHTS = (100, 80, 140, 20, 60, 30, 60, 20, 30, 30, 50, 120, 20, 10, 5, 120)
+
+
 def _line(r):
     w = r.choice
-    kind = r.randrange(16)
+    kind = r.choices(range(len(KIND_WEIGHTS)), KIND_WEIGHTS)[0]
     if kind == 0:
         return f"{_path(r)}:{r.randint(1, 900)}:{r.randint(1, 80)}: warning: unused variable '{w(WORDS)}' [-Wunused-variable]"
     if kind == 1:

@@ -32,6 +32,7 @@ class Rule:
     entropy: float = 0.0           # Shannon bits/char floor on the value
     max_len: int = 256             # longest possible match (bounds the stream hold-back)
     min_len: int = 0               # encoded rules: shortest candidate run
+    lookback: int = 16             # how far before the trigger's start the match may begin
     severity: str = "high"
     action: str = "block"
     placeholders: bool = True      # drop values with placeholder words (EXAMPLE, xxxx, <...>)
@@ -55,7 +56,7 @@ def _compile(pattern: str, caseless: bool) -> re.Pattern:
 
 
 _FIELDS = {"id": str, "kind": str, "pattern": str, "hs": str, "keywords": list, "caseless": bool,
-           "validators": list, "entropy": (int, float), "max_len": int, "min_len": int,
+           "validators": list, "entropy": (int, float), "max_len": int, "min_len": int, "lookback": int,
            "severity": str, "action": str, "placeholders": bool, "decoder": str,
            "description": str}
 
@@ -92,6 +93,8 @@ def _rule_from_table(table: dict, source: str, index: int) -> Rule:
             raise bad("validators", f"unknown validator {v!r} (known: {', '.join(sorted(VALIDATORS))})")
     if not 1 <= rule.max_len <= MAX_RULE_LEN:
         raise bad("max_len", f"must be between 1 and {MAX_RULE_LEN}")
+    if not 0 <= rule.lookback <= MAX_RULE_LEN:
+        raise bad("lookback", f"must be between 0 and {MAX_RULE_LEN}")
     if rule.kind == "encoded":
         if rule.decoder not in DECODERS:
             raise bad("decoder", f"must be one of {', '.join(DECODERS)}")

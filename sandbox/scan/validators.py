@@ -138,11 +138,18 @@ def jwt_structure(value: bytes, match: bytes) -> bool:
     return isinstance(header, dict) and "alg" in header and isinstance(payload, dict)
 
 
+_DIGITS = b"0123456789"
+
+
+def _classes(value: bytes) -> tuple:
+    """(has lower, has upper, has digit), with C-speed bytes methods."""
+    return (value.upper() != value, value.lower() != value,
+            len(value.translate(None, _DIGITS)) != len(value))
+
+
 def mixed_charset(value: bytes, match: bytes) -> bool:
     """Random credentials mix classes: at least two of lower, upper, digit."""
-    classes = (any(97 <= c <= 122 for c in value), any(65 <= c <= 90 for c in value),
-               any(48 <= c <= 57 for c in value))
-    return sum(classes) >= 2
+    return sum(_classes(value)) >= 2
 
 
 def aws_secret_context(value: bytes, match: bytes) -> bool:
@@ -150,9 +157,7 @@ def aws_secret_context(value: bytes, match: bytes) -> bool:
     it) and when it is not hex or pure base64 of a digest (all upper/lower/digit mixed)."""
     if re.fullmatch(rb"[0-9a-f]{40}", value) or re.fullmatch(rb"[0-9A-F]{40}", value):
         return False
-    has = (any(97 <= c <= 122 for c in value), any(65 <= c <= 90 for c in value),
-           any(48 <= c <= 57 for c in value))
-    return all(has)
+    return all(_classes(value))
 
 
 def azure_key(value: bytes, match: bytes) -> bool:
