@@ -7,6 +7,8 @@ these sandboxes have none (egress networks are covered by test_recovery_crash.py
 drives the engine with its host side in a namespace it makes)."""
 import signal
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,22 @@ def _bg(fn, *args):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def _children(pid: int) -> list[int]:
+    """The children of a process (its sandbox's commands, for a sandbox's init)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _wait(pred) -> bool:
+    for _ in range(500):          # bounded: 10 s
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 @pytest.fixture
@@ -55,8 +73,8 @@ def test_kill_9_daemon_then_restart_recovers_everything(daemon):
     threads.append((c, _bg(c.destroy, sids[-1])))           # a destroy in flight
     c = Client(daemon.socket)
     threads.append((c, _bg(c.create, "default", LIMITS)))   # a create in flight
-    with daemon.admin() as admin:                          # the commands are running
-        assert any(alive(p) for p in pids.values())
+    for sid in sids[:4]:                                   # wait: the commands are running
+        assert _wait(lambda: _children(pids[sid])), f"no command started in {sid}"
     daemon.proc.send_signal(signal.SIGKILL)                # our own child, by pid
     daemon.proc.wait()
     daemon._logf.close()
