@@ -118,13 +118,14 @@ class Resolver:
     """The DNS server of one sandbox. start()/stop() run in the host-side worker thread
     (network.HostSide), whose loop serves it; `pin` is the sandbox's nft allow set."""
 
-    def __init__(self, handle, entries, pol, audit, upstream, pin=None):
+    def __init__(self, handle, entries, pol, audit, upstream, pin=None, permanent=frozenset()):
         self.h = handle
         self.entries = entries
         self.pol = pol
         self.audit = audit
         self.upstream = upstream
         self._pin = pin or self._pin_nft
+        self.permanent = permanent  # IP literals of the allowlist: never given a timeout
         self.bucket = TokenBucket(pol.dns_qps)
         self.limited = 0
         self._udp = None
@@ -188,7 +189,10 @@ class Resolver:
                           resource=qtype, details={**name_record(qname), "type": qtype, **details})
 
     def _pin_nft(self, addrs: list[str], ports, ttl: float):
-        self._fw.pin(self.h.table, [(a, p) for a in addrs for p in ports], timeout=ttl)
+        # Re-adding an element updates its timeout (kernel 6.18 here); an allowlisted IP
+        # literal must stay permanent, so it is never re-added with one.
+        pairs = [(a, p) for a in addrs for p in ports if (a, p) not in self.permanent]
+        self._fw.pin(self.h.table, pairs, timeout=ttl)
 
     async def answer(self, wire: bytes) -> bytes | None:
         """The reply to one query in wire format (None: drop it, it was not DNS)."""

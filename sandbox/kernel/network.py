@@ -105,16 +105,37 @@ class HostSide:
     @classmethod
     def get(cls, cfg: NetConfig | None = None) -> "HostSide":
         cfg = cfg or CONFIG
+        path = cfg.host_netns or f"/proc/{os.getpid()}/ns/net"
+        try:
+            ino = os.stat(path).st_ino
+        except OSError as e:
+            raise NetworkError(f"the host network namespace {path} is not there",
+                               errno=e.errno, syscall="stat") from e
         with cls._all_lock:
             hs = cls._all.get(cfg.host_netns)
-            if hs is None or not hs.thread.is_alive():
+            if hs is not None and (hs.host_ino != ino or not hs.thread.is_alive()):
+                hs.close()  # a namespace re-made under the same name is another one
+                hs = None
+            if hs is None:
                 hs = cls._all[cfg.host_netns] = cls(cfg)
             return hs
+
+    def close(self):
+        """Stop the worker (its namespace is gone or was replaced)."""
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+        if self._nflog is not None:
+            self._nflog.close()
+        if self.host_fd >= 0:
+            os.close(self.host_fd)
+            self.host_fd = -1
 
     def __init__(self, cfg: NetConfig):
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         self.host_fd = -1
+        self.host_ino = 0
         self._ready = concurrent.futures.Future()
         self.drop_sinks: dict[str, Callable] = {}
         self._nflog = None
@@ -126,6 +147,7 @@ class HostSide:
         try:
             path = self.cfg.host_netns or f"/proc/{os.getpid()}/ns/net"
             self.host_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.host_ino = os.fstat(self.host_fd).st_ino
             _setns(self.host_fd)
         except BaseException as e:  # noqa: BLE001 - handed to the creator
             self._ready.set_exception(e if isinstance(e, NetworkError) else NetworkError(
@@ -353,6 +375,14 @@ def setup(ctx, cfg: NetConfig | None = None) -> NetHandle:
 
 def _setup_in_host(hs: HostSide, h: NetHandle, ctx):
     pol = ctx.policy.network
+    if pol.mode == "egress":  # every check that can refuse comes before the first object
+        entries = parse_entries(pol.allow)
+        v6 = [e.text for e in entries if e.is_ip and ":" in e.host]
+        if v6:
+            raise UnsupportedError(f"IPv6 egress is not supported yet (sandboxes get IPv4 "
+                                   f"only): {', '.join(v6)}")
+        _check_forwarding()
+        hs.ensure_nflog()
     h.netns = netns_name(h.sandbox_id, hs.cfg)
     _intent(ctx, "netns", name=h.netns, netns_dir=hs.cfg.netns_dir)
     h.netns_fd = _create_netns(hs, h.netns)
@@ -361,13 +391,6 @@ def _setup_in_host(hs: HostSide, h: NetHandle, ctx):
             _up_loopback()
         return
     from sandbox.kernel import dns, netfilter, tc
-    entries = parse_entries(pol.allow)
-    v6 = [e.text for e in entries if e.is_ip and ":" in e.host]
-    if v6:
-        raise UnsupportedError(f"IPv6 egress is not supported yet (sandboxes get IPv4 only): "
-                               f"{', '.join(v6)}")
-    _check_forwarding()
-    hs.ensure_nflog()
     h.veth = veth_name(h.sandbox_id, hs.cfg)
     _intent(ctx, "veth", name=h.veth)
     with _pool_lock(hs), contextlib.closing(_ipr()) as ipr:
@@ -384,14 +407,16 @@ def _setup_in_host(hs: HostSide, h: NetHandle, ctx):
             sets="allow4")
     lay = netfilter.Layout(h.sandbox_id, h.veth, h.slot.sandbox_ip, h.slot.host_ip,
                            hs.cfg.nflog_group)
+    literals = [(e.host, p) for e in entries if e.is_ip for p in e.ports]
+    upstream = dns.upstreams(hs.cfg.dns_upstream or pol.dns_upstream)
     fw = netfilter.Firewall()
     try:
-        fw.create(lay, [(e.host, p) for e in entries if e.is_ip for p in e.ports])
+        fw.create(lay, literals)
     finally:
         fw.close()
     hs.drop_sinks[h.sandbox_id] = _drop_auditor(ctx.audit, h)
     h.resolver = dns.Resolver(h, [e for e in entries if not e.is_ip], pol, ctx.audit,
-                              upstream=dns.upstreams(hs.cfg.dns_upstream or pol.dns_upstream))
+                              upstream=upstream, permanent=set(literals))
     h.resolver.start()
 
 

@@ -285,3 +285,34 @@ def test_restart_sweep_removes_leftovers_by_name(lab):
 def test_probe_reports_what_egress_needs(lab):
     rows = network.probe()
     assert [r[1] for r in rows] == [True] * 4, rows
+
+
+def test_literal_addresses_stay_permanent_when_a_name_resolves_to_them(lab, sandbox):
+    h = sandbox(allow=["10.250.1.2:443", "api.example.test", "www.example.test:8443"])
+    assert resolve(lab, h, "api.example.test")["a"] == ["10.250.1.2"]
+    assert resolve(lab, h, "www.example.test")["a"] == ["10.250.1.2"]
+    out = sh("ip", "netns", "exec", lab.host, "nft", "list", "set", "inet", h.table,
+             "allow4").stdout
+    elems = out.split("elements = {")[1]
+    literal = [e for e in elems.split(",") if "10.250.1.2 . 443" in e][0]
+    timed = [e for e in elems.split(",") if "10.250.1.2 . 8443" in e][0]
+    assert "timeout" not in literal and "timeout 1m" in timed   # fake upstream TTL 60 s
+
+
+def test_egress_without_forwarding_fails_closed_and_makes_nothing(lab):
+    ns = f"sbxt-{os.getpid()}-nofwd"
+    sh("ip", "netns", "add", ns)
+    saved = network.CONFIG
+    try:
+        network.configure(host_netns=f"/run/netns/{ns}")
+        ctx = make_ctx(allow=["api.example.test"])
+        with pytest.raises(UnsupportedError, match="ip_forward"):
+            network.setup(ctx)
+        assert ctx.intent.records == []
+        assert not os.path.exists(f"{lab.netns_dir}/{network.netns_name(ctx.id)}")
+        links = sh("ip", "-n", ns, "-o", "link", "show").stdout.splitlines()
+        assert len(links) == 1 and "lo:" in links[0]
+        assert sh("ip", "netns", "exec", ns, "nft", "list", "tables").stdout == ""
+    finally:
+        network.CONFIG = saved
+        sh("ip", "netns", "del", ns)
