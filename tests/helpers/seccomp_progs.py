@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import subprocess
 from pathlib import Path
 
 from sandbox.kernel import seccomp
@@ -215,13 +214,5 @@ int main(int argc, char **argv) {
 
 def build(dest: Path) -> dict[str, Path]:
     """Compile the helper programs into DEST; returns {"syscall": path, "exec": path}."""
-    out = {}
-    for name, src in (("syscall", SYSCALL_C), ("exec", EXEC_C)):
-        c = dest / f"sbx-{name}.c"
-        c.write_text(src)
-        exe = dest / f"sbx-{name}"
-        subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(c)], check=True,
-                       capture_output=True, text=True)
-        out[name] = exe
-    return out
-
+    from tests.helpers.engine import compile_c
+    return {name: compile_c(src, dest / f"sbx-{name}") for name, src in (("syscall", SYSCALL_C), ("exec", EXEC_C))}

@@ -19,7 +19,7 @@ import pytest
 
 from sandbox.audit.sink import MemorySink
 from sandbox.kernel import seccomp
-from sandbox.policy import load_policy
+from sandbox.policy import load_policy, merge_overrides
 from sandbox.runtime.sandbox import Sandbox
 from tests.helpers.seccomp_progs import ALLOWED_USES, DENIED_CALLS, DENIED_USES, build
 
@@ -65,9 +65,14 @@ def state_dir():
         shutil.rmtree(d, ignore_errors=True)
 
 
+# A small disk: the disk step refuses to promise more host disk than exists, and the
+# sandboxes of concurrent test runs share this host.
+SMALL_DISK = {"limits": {"disk": "64MiB"}}
+
+
 def _make_box(progs, state_dir, name, overrides=None):
     sink = MemorySink()
-    policy = load_policy("default", overrides)
+    policy = load_policy("default", merge_overrides(SMALL_DISK, overrides or {}))
     sb = Sandbox.create(policy, context=progs, audit=sink, state_dir=state_dir,
                         sandbox_id=f"sbxt-{os.getpid()}-{name}")
     return Box(sb, sink)
