@@ -349,14 +349,14 @@ class ScanStream:
         if len(self._tail) + len(chunk) <= self.scanner.window:
             self._tail += chunk     # nothing can be released yet: do not scan at all
             return self._result(b"", extra)
-        return self._scan(self._tail + chunk, final=False, extra=extra)
+        return self._scan(chunk, final=False, extra=extra)
 
     def finish(self) -> ScanResult:
         """Scan and release the held-back tail. The stream is done afterwards."""
         if self._finished:
             return ScanResult(b"", [], self.blocked)
         self._finished = True
-        return self._scan(self._tail, final=True, extra=[])
+        return self._scan(b"", final=True, extra=[])
 
     def _volume(self) -> list:
         limit = self.scanner.expected_output
@@ -367,9 +367,9 @@ class ScanStream:
         return [Finding(r.id, r.kind, r.severity, r.action, limit, self.total,
                         preview=f"{self.total} bytes > {limit}")]
 
-    def _scan(self, data: bytes, final: bool, extra: list) -> ScanResult:
+    def _scan(self, chunk: bytes, final: bool, extra: list) -> ScanResult:
         ctx = self._ctx
-        buf = ctx + data
+        buf = b"".join((ctx, self._tail, chunk))      # one copy of the chunk, not two
         base = self._tail_at - len(ctx)
         found = self.scanner.find(buf, detect_binary=not self._binary_seen)
         found = [f for f in found if f[0] >= len(ctx)]
