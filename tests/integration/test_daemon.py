@@ -300,3 +300,46 @@ def test_daemon_survives_bad_input(daemon, admin):
         for s in idle:
             s.close()
     assert admin.health()["status"] == "ok"
+
+
+def _ctl(daemon, *argv, env=None, input=None):
+    e = {k: v for k, v in os.environ.items() if k != "SANDBOXD_TOKEN"}
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sandbox.cli.main", *argv], env=e, input=input,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_flow_with_a_token_file(daemon, admin, tmp_path):
+    tok_file = tmp_path / "token"
+    out = _ctl(daemon, "token", "--socket", daemon.socket, "grant", "--name", "cli",
+               "--memory", "1GiB", "--out", str(tok_file))
+    assert out.returncode == 0, out.stderr
+    assert oct(tok_file.stat().st_mode & 0o777) == "0o600"
+    value = tok_file.read_text().strip()
+    assert value not in out.stdout
+    common = ["--socket", daemon.socket, "--token-file", str(tok_file)]
+    sid = _ctl(daemon, "create", *common, "--set", "limits.memory=512MiB").stdout.strip()
+    assert sid.startswith("sb-")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "hello.sh").write_text("echo hello from $(hostname)\n")
+    assert _ctl(daemon, "cp", *common, str(tmp_path / "proj"), f"{sid}:src").returncode == 0
+    ex = _ctl(daemon, "exec", *common, sid, "sh", "-c", "sh src/hello.sh > out.txt; cat out.txt; exit 6")
+    assert ex.returncode == 6 and ex.stdout == "hello from sandbox\n", ex.stderr
+    assert _ctl(daemon, "cp", *common, f"{sid}:out.txt", str(tmp_path)).returncode == 0
+    assert (tmp_path / "out.txt").read_text() == "hello from sandbox\n"
+    ps = _ctl(daemon, "ps", *common)
+    assert sid in ps.stdout and value.split("_")[1] in ps.stdout and value not in ps.stdout
+    top = _ctl(daemon, "top", *common, "--iterations", "2", "--interval", "0.1")
+    assert top.returncode == 0 and top.stdout.count(sid) == 2
+    assert _ctl(daemon, "destroy", *common, sid).returncode == 0
+    gone = _ctl(daemon, "inspect", *common, sid)
+    assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1
+
+
+def test_run_goes_through_the_daemon(daemon, admin):
+    before = len(admin.audit(action="daemon_create", limit=10000))
+    out = _ctl(daemon, "run", "--", "sh", "-c", "echo via daemon; exit 7",
+               env={"SANDBOXD_SOCKET": daemon.socket})
+    assert out.returncode == 7 and out.stdout == "via daemon\n", out.stderr
+    assert len(admin.audit(action="daemon_create", limit=10000)) == before + 1
+    assert admin.list() == []
