@@ -435,13 +435,26 @@ def _make_veth(ipr, h: NetHandle):
         ipr.link("add", ifname=h.veth, kind="veth",
                  peer={"ifname": "eth0", "net_ns_fd": h.netns_fd})
         idx = _link_index(ipr, h.veth)
+        _no_ipv6(h.veth)
         ipr.addr("add", index=idx, address=h.slot.host_ip, prefixlen=h.slot.prefixlen)
         ipr.link("set", index=idx, state="up")
     except Exception as e:
         raise NetworkError(f"cannot create the veth pair {h.veth}: {e}") from e
 
 
+def _no_ipv6(ifname: str):
+    # Sandboxes get IPv4 only: without this, eth0's link-local address and router
+    # solicitations would fill the drop log. Per-interface sysctl of the namespace this
+    # thread is in (our own interface; /proc/sys/net follows the reading thread's netns).
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass  # IPv6 is off in this kernel altogether
+
+
 def _configure_inside(slot: Slot):
+    _no_ipv6("eth0")
     with contextlib.closing(_ipr()) as ipr:
         lo, eth0 = _link_index(ipr, "lo"), _link_index(ipr, "eth0")
         ipr.link("set", index=lo, state="up")

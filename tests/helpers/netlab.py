@@ -128,6 +128,9 @@ class NetLab:
         sh("ip", "-n", self.host, "link", "set", "lo", "up")
         # forwarding on in the TEST's host namespace only (never the real one)
         sh("ip", "netns", "exec", self.host, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # like a real host, the host ns has its own eth0: the sandbox's eth0 must be made
+        # directly in the sandbox's netns, never here first
+        sh("ip", "-n", self.host, "link", "add", "eth0", "type", "bridge")  # (no dummy module)
         for i, (k, addr) in enumerate(HOSTS.items(), start=1):
             ns = self.ns[k]
             sh("ip", "netns", "add", ns)

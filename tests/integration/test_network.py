@@ -316,3 +316,12 @@ def test_egress_without_forwarding_fails_closed_and_makes_nothing(lab):
     finally:
         network.CONFIG = saved
         sh("ip", "netns", "del", ns)
+
+
+def test_sandbox_gets_ipv4_only(lab, sandbox):
+    h = sandbox(allow=["api.example.test"])
+    out = sh("ip", "-n", f"../..{lab.netns_dir}/{h.netns}", "-o", "addr", "show", "dev",
+             "eth0").stdout
+    assert "inet " in out and "inet6" not in out
+    assert resolve(lab, h, "api.example.test", rtype="AAAA") == {"rcode": "NOERROR", "a": [],
+                                                                 "tc": False}
