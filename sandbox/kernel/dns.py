@@ -247,7 +247,8 @@ class Resolver:
             self._audit(qname, qtype, "ok", reason="upstream " + dns.rcode.to_text(resp.rcode()))
             return _reply(q, resp.rcode()).to_wire()
         chain, addrs, ttl = final_addresses(rr.name, resp.answer)
-        addrs = [a for a in addrs if _routable(a)]
+        refused = [a for a in addrs if not _pinnable(a, self.pol.dns_private)]
+        addrs = [a for a in addrs if a not in refused]
         ttl = min(max(ttl or 0, self.pol.dns_ttl_min), self.pol.dns_ttl_max)
         if addrs:
             try:
@@ -258,11 +259,15 @@ class Resolver:
         out = _reply(q, dns.rcode.NOERROR)
         for rrset in chain:
             if rrset.rdtype == dns.rdatatype.A:
+                if not addrs:
+                    continue  # every address refused: the name resolves to nothing
                 rrset = dns.rrset.from_text_list(rrset.name, int(ttl), "IN", "A", addrs)
             else:
                 rrset = dns.rrset.from_rdata_list(rrset.name, int(ttl), list(rrset))
             out.answer.append(rrset)
-        self._audit(qname, qtype, "ok", answer=addrs[:16], ttl=int(ttl), ports=list(entry.ports))
+        extra = {"refused_answers": refused[:16]} if refused else {}
+        self._audit(qname, qtype, "ok", answer=addrs[:16], ttl=int(ttl), ports=list(entry.ports),
+                    **extra)
         return out.to_wire()
 
     # -- transports ----------------------------------------------------------------------
@@ -292,11 +297,15 @@ class Resolver:
             writer.close()
 
 
-def _routable(addr: str) -> bool:
-    # An upstream answer of 127.0.0.1 or 0.0.0.0 would pin nothing useful (and never the
-    # host's own loopback: the sandbox's 127/8 is its own).
+def _pinnable(addr: str, private_ok: bool) -> bool:
+    """May an upstream answer be pinned? Never loopback, unspecified or multicast. Unless
+    the policy says dns_private, only global addresses: otherwise whoever controls the DNS
+    of an allowlisted (wildcard) domain could point it at 169.254.169.254, the host's LAN
+    or other internal services and open them to the sandbox (DNS rebinding)."""
     a = ipaddress.IPv4Address(addr)
-    return not (a.is_loopback or a.is_unspecified or a.is_multicast)
+    if a.is_loopback or a.is_unspecified or a.is_multicast or a.is_reserved:
+        return False
+    return private_ok or a.is_global
 
 
 def _reply(q: dns.message.Message, rcode: int) -> dns.message.Message:

@@ -231,6 +231,9 @@ class NetworkPolicy:
     dns_qps: int = _f(20, "DNS queries per second a sandbox may make before being refused")
     dns_ttl_min: float = _f(30.0, "floor of a pinned answer's lifetime in the allow set", parse_duration)
     dns_ttl_max: float = _f(3600.0, "ceiling of a pinned answer's lifetime", parse_duration)
+    dns_private: bool = _f(False, "pin DNS answers in private, shared or link-local ranges "
+                                  "(10/8, 192.168/16, 169.254/16...); off: an allowlisted name "
+                                  "cannot be pointed at internal hosts (use IP entries for those)")
 
     def check(self):
         if self.mode not in ("none", "loopback", "egress"):

@@ -34,9 +34,9 @@ _n = iter(range(1000))
 
 
 def make_ctx(mode="egress", allow=(), rate=0, **kw):
-    pol = Policy(network=NetworkPolicy(mode=mode, allow=tuple(allow), rate=rate,
-                                       dns_upstream=(DNS_UP,) if mode == "egress" else (),
-                                       **kw))
+    if mode == "egress":  # the lab's hosts live in 10.250/16: private addresses
+        kw = {"dns_upstream": (DNS_UP,), "dns_private": True, **kw}
+    pol = Policy(network=NetworkPolicy(mode=mode, allow=tuple(allow), rate=rate, **kw))
     return SimpleNamespace(id=f"t{os.getpid()}n{next(_n)}", policy=pol,
                            plan=SimpleNamespace(netns_fd=None), audit=MemorySink(),
                            intent=Intents(), extra={})
@@ -325,3 +325,10 @@ def test_sandbox_gets_ipv4_only(lab, sandbox):
     assert "inet " in out and "inet6" not in out
     assert resolve(lab, h, "api.example.test", rtype="AAAA") == {"rcode": "NOERROR", "a": [],
                                                                  "tc": False}
+
+
+def test_by_default_a_name_cannot_be_pointed_at_internal_addresses(lab, sandbox):
+    h = sandbox(allow=["api.example.test"], dns_private=False)
+    assert resolve(lab, h, "api.example.test") == {"rcode": "NOERROR", "a": [], "tc": False}
+    assert network.HostSide.get().call(_allowed, h.table) == set()
+    assert connect(lab, h, "10.250.1.2", 443)["ok"] is False

@@ -34,7 +34,7 @@ print(open("/etc/resolv.conf").read().split()[1])
 
 def egress_policy(**user):
     over = {"network": {"mode": "egress", "allow": ["api.example.test:443"],
-                        "dns_upstream": ["10.250.3.2"]}}
+                        "dns_upstream": ["10.250.3.2"], "dns_private": True}}
     if user:
         over["user"] = user
     return load_policy("default", over)

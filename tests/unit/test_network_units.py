@@ -92,7 +92,8 @@ def test_nflog_and_ipv4_parsing():
 class FakeUpstream:
     """A DNS server on 127.0.0.1 that records every name it is asked."""
 
-    def __init__(self):
+    def __init__(self, answers=("192.0.2.10",)):
+        self.answers = answers
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -110,27 +111,54 @@ class FakeUpstream:
             name = q.question[0].name.to_text(omit_final_dot=True)
             self.names.append(name)
             r = dns.message.make_response(q)
-            r.answer.append(dns.rrset.from_text(q.question[0].name, 5, "IN", "A", "192.0.2.10"))
+            r.answer.append(dns.rrset.from_text_list(q.question[0].name, 5, "IN", "A",
+                                                     list(self.answers)))
             self.sock.sendto(r.to_wire(), addr)
 
     def close(self):
         self.sock.close()
 
 
-@pytest.fixture
-def resolver():
-    up = FakeUpstream()
+def make_resolver(answers=("192.0.2.10",), private=True):
+    up = FakeUpstream(answers)
     events = []
     pol = NetworkPolicy(mode="egress", allow=("api.example.test:443,8443", "*.wild.test"),
-                        dns_qps=5, dns_ttl_min=30, dns_ttl_max=600)
+                        dns_qps=5, dns_ttl_min=30, dns_ttl_max=600, dns_private=private)
     h = SimpleNamespace(sandbox_id="u1", sandbox_ip="10.0.0.2", resolver_ip="10.0.0.1", table="t")
     entries = [parse_allow_entry(e) for e in pol.allow]
     audit = MemorySink()
     r = sdns.Resolver(h, entries, pol, audit, [("127.0.0.1", up.port)],
                       pin=lambda addrs, ports, ttl: events.append(("pin", addrs, ports, ttl)))
     r.events, r.up, r.sink = events, up, audit
+    return r
+
+
+@pytest.fixture
+def resolver():
+    r = make_resolver()
     yield r
-    up.close()
+    r.up.close()
+
+
+def test_internal_answers_are_not_pinned_unless_the_policy_says_so():
+    # whoever runs an allowlisted domain's DNS points it at metadata / LAN addresses
+    r = make_resolver(answers=("169.254.169.254", "10.0.0.5", "192.168.1.1", "100.64.0.1",
+                               "1.2.3.4"), private=False)
+    try:
+        m = ask(r, "x.wild.test")
+        assert [a.address for rr in m.answer for a in rr] == ["1.2.3.4"]
+        assert r.events[0] == ("pin", ["1.2.3.4"], (443,), 30)
+        rec = r.sink.find("dns_query", name="x.wild.test")[0]["details"]
+        assert len(rec["refused_answers"]) == 4
+    finally:
+        r.up.close()
+    r = make_resolver(answers=("10.0.0.5",), private=False)
+    try:
+        m = ask(r, "x.wild.test")
+        assert m.rcode() == dns.rcode.NOERROR and m.answer == []
+        assert [e for e in r.events if e[0] == "pin"] == []
+    finally:
+        r.up.close()
 
 
 def ask(r, name, rtype="A"):
