@@ -124,8 +124,9 @@ def _state_step(ctx: SandboxContext) -> Step:
 
 def _uidrange_step(ctx: SandboxContext) -> Step:
     def do():
+        # No intent record: the range is held by a flock that dies with its holder, so a
+        # crash can never leak one (an fsynced record would only cost time).
         r = uidrange.allocate(ctx.state_dir)
-        ctx.intent.add("uidrange", base=r.base)
         ctx.uidrange = r
         p = ctx.plan
         p.uid_base = p.gid_base = r.base
@@ -134,7 +135,6 @@ def _uidrange_step(ctx: SandboxContext) -> Step:
 
     def undo(r: uidrange.UidRange):
         r.release()
-        ctx.intent.remove("uidrange", base=r.base)
 
     return Step("uidrange", do, undo, describe="host uid/gid range")
 
@@ -205,8 +205,9 @@ def _rootfs_step(ctx: SandboxContext) -> Step:
     def undo(auto: str | None):
         _close_mount_fds(ctx)
         if auto and not ctx.keep_workspace:
+            # Intent entries are not removed one by one on the way down: every cleanup is
+            # idempotent, and the state step's undo deletes the whole record at the end.
             shutil.rmtree(auto)
-            ctx.intent.remove("dir", path=auto)
             if os.path.exists(auto):
                 raise TeardownError("workspace not removed", leftovers=[auto])
 
@@ -240,7 +241,6 @@ def _spawn_step(ctx: SandboxContext) -> Step:
             pass  # already reaped by someone else
         os.close(child.pidfd)
         ctx.pidfd = None
-        ctx.intent.remove("process", pid=child.pid)
 
     return Step("spawn", do, undo, describe="clone3 the sandbox's init")
 

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import termios
 
-from tests.helpers.engine import PY, SANDBOXCTL, compile_c, py, run, sh, tag
+from tests.helpers.engine import PY, SANDBOXCTL, compile_c, policy_file, py, run, sh, tag
 
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
@@ -148,12 +148,13 @@ def test_tiocsti_cannot_inject_into_the_callers_terminal(tmp_path, state_dir):
             os.setsid()
             import fcntl
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        p = subprocess.Popen([SANDBOXCTL, "run", "--state-dir", str(state_dir), "--", PY, "-c", TIOCSTI], stdin=slave, stdout=slave,
-                             stderr=slave, preexec_fn=make_ctty)
+        p = subprocess.Popen([SANDBOXCTL, "run", "--state-dir", str(state_dir),
+                          "--policy", policy_file(state_dir.parent), "--", PY, "-c", TIOCSTI], stdin=slave,
+                             stdout=slave, stderr=slave, preexec_fn=make_ctty)
         os.close(slave)
         slave = -1
         seen = b""
-        for _ in range(200):  # bounded: read the terminal until sandboxctl exits
+        for _ in range(600):  # bounded (60 s): read the terminal until sandboxctl exits
             r, _, _ = select.select([master], [], [], 0.1)
             if r:
                 try:

@@ -4,7 +4,7 @@ import secrets
 import socket
 import subprocess
 
-from tests.helpers.engine import SANDBOXCTL, py, sh, tag
+from tests.helpers.engine import SANDBOXCTL, policy_file, py, sh, tag
 
 
 def test_host_processes_are_invisible(make_sandbox, host_sleeper):
@@ -43,7 +43,8 @@ def test_caller_environment_does_not_leak(state_dir):
     env = dict(os.environ, **{f"SBXT_CANARY_{os.getpid()}": canary})
     script = ("env; cat /proc/self/environ; for f in /proc/[0-9]*/environ; do cat $f; done; "
               "cat /proc/1/environ /proc/1/cmdline; echo; echo done")
-    res = subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state_dir), "--", "sh", "-c",
+    res = subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state_dir),
+                          "--policy", policy_file(state_dir.parent), "--", "sh", "-c",
                           script], env=env, capture_output=True, timeout=60)
     assert canary.encode() not in res.stdout + res.stderr
     assert b"HOME=/home/agent" in res.stdout and b"done" in res.stdout  # it did run

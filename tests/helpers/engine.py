@@ -12,6 +12,27 @@ PY = "/usr/bin/python3"  # Debian's python3, visible inside through the /usr bin
 SANDBOXCTL = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "sandboxctl")
 
 
+# Engine tests run without the disk step (limits.disk = 0: /tmp is the engine's own tmpfs,
+# the workspace a plain directory): the disk facility has its own tests, and its images
+# and loop devices would make these tests depend on host disk room and loop teardown.
+SMALL_DISK = {"limits": {"disk": "0"}}
+
+
+def engine_policy(overrides: dict | None = None):
+    from sandbox.policy import load_policy, merge_overrides
+    return load_policy("default", merge_overrides(SMALL_DISK, overrides or {}))
+
+
+def policy_file(tmp_path: Path) -> str:
+    """The default policy without the disk step, as a file for `sandboxctl run --policy`."""
+    src = Path(__file__).resolve().parents[2] / "policies" / "default.toml"
+    text = src.read_text()
+    assert 'disk = "10GiB"' in text
+    out = tmp_path / "sbxt-engine.toml"
+    out.write_text(text.replace('disk = "10GiB"', 'disk = "0"'))
+    return str(out)
+
+
 def run(sb, argv, **kw):
     """exec() from sync test code; returns the ExecResult (stdout/stderr collected)."""
     return asyncio.run(sb.exec(argv, **kw))
@@ -42,12 +63,11 @@ def state_dir(tmp_path):
 @pytest.fixture
 def make_sandbox(state_dir):
     """make_sandbox(policy=None, **create_kwargs) -> Sandbox; all destroyed at teardown."""
-    from sandbox.policy import load_policy
     from sandbox.runtime.sandbox import Sandbox
     made = []
 
     def make(policy=None, **kw):
-        sb = Sandbox.create(policy or load_policy("default"), state_dir=state_dir, **kw)
+        sb = Sandbox.create(policy or engine_policy(), state_dir=state_dir, **kw)
         made.append(sb)
         return sb
 

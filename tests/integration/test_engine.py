@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import PolicyError, SandboxError, SpawnError
-from sandbox.policy import load_policy
 from sandbox.runtime import sandbox as sbmod
 from sandbox.runtime import uidrange
 from sandbox.runtime.lifecycle import Step
-from tests.helpers.engine import (SANDBOXCTL, host_sleeper, make_sandbox, run, sh,  # noqa: F401
-                                  state_dir, tag)
+from tests.helpers.engine import (SANDBOXCTL, host_sleeper, make_sandbox,  # noqa: F401
+                                  policy_file, run, sh, state_dir, tag, engine_policy)
 
 
 def ctl(state_dir, *args, **kw):
-    return subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state_dir), *args],
+    pol = policy_file(state_dir.parent)
+    return subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state_dir), "--policy", pol, *args],
                           capture_output=True, timeout=60, **kw)
 
 
@@ -42,7 +42,7 @@ def test_host_workspace_stays_owned_by_its_owner(make_sandbox, tmp_path):
     ws = tmp_path / f"{tag()}-ws"
     ws.mkdir()
     os.chown(ws, 4242, 4243)
-    pol = load_policy("default", {"limits": {"host_workspace": "unbounded"}})
+    pol = engine_policy({"limits": {"host_workspace": "unbounded"}})
     sb = make_sandbox(pol, workspace=str(ws))
     res = sh(sb, "stat -c %u:%g .; echo data > made-inside; mkdir dir-inside; "
                  "stat -c %u:%g made-inside")
@@ -65,7 +65,7 @@ def test_two_live_sandboxes_get_different_host_uid_ranges(make_sandbox):
 
 
 def test_destroy_leaves_nothing(state_dir):
-    sb = sbmod.Sandbox.create(load_policy("default"), state_dir=state_dir)
+    sb = sbmod.Sandbox.create(engine_policy(), state_dir=state_dir)
     pidfds = []
     try:
         r = sh(sb, "sleep 300 >/dev/null 2>&1 & echo $!")
@@ -120,7 +120,7 @@ def test_failure_at_a_middle_step_unwinds_the_earlier_ones(state_dir, monkeypatc
         return Step("spawn", do)
     monkeypatch.setattr(sbmod, "_spawn_step", failing_spawn)
     with pytest.raises(SandboxError, match="injected"):
-        sbmod.Sandbox.create(load_policy("default"), state_dir=state_dir)
+        sbmod.Sandbox.create(engine_policy(), state_dir=state_dir)
     assert seen["ctx"].uidrange is not None  # earlier steps had run
     _assert_unwound(seen["ctx"], state_dir)
 
@@ -128,7 +128,7 @@ def test_failure_at_a_middle_step_unwinds_the_earlier_ones(state_dir, monkeypatc
 def test_a_failure_in_the_c_child_is_one_clear_error_and_unwinds(state_dir, monkeypatch):
     seen = _spy(monkeypatch, "_rootfs_step")
     with pytest.raises(SpawnError) as ei:
-        sbmod.Sandbox.create(load_policy("default"), state_dir=state_dir, _fail_in_child=True)
+        sbmod.Sandbox.create(engine_policy(), state_dir=state_dir, _fail_in_child=True)
     e = ei.value
     assert (e.step, e.syscall, e.errno) == ("test", "injected", 1)
     assert "failure injected by a test" in str(e) and "EPERM" in str(e)
@@ -136,7 +136,7 @@ def test_a_failure_in_the_c_child_is_one_clear_error_and_unwinds(state_dir, monk
 
 
 def test_lifetime_timeout_kills_the_sandbox(make_sandbox):
-    pol = load_policy("default", {"timeout": "2s", "command_timeout": "2s"})
+    pol = engine_policy({"timeout": "2s", "command_timeout": "2s"})
     sb = make_sandbox(pol)
     res = run(sb, ["sleep", "60"], timeout=60)
     assert res.reason == "timeout" and "lifetime" in res.text
@@ -247,3 +247,12 @@ def test_cgroup_fields_place_init_before_it_runs(make_sandbox, monkeypatch, cgro
     assert str(sb.init_pid) in (v2 / "cgroup.procs").read_text().split()
     assert str(sb.init_pid) in (v1 / "cgroup.procs").read_text().split()
     sb.destroy()
+
+
+def test_doctor_reports_features_and_a_working_spawn():
+    r = subprocess.run([SANDBOXCTL, "doctor"], capture_output=True, text=True, timeout=120)
+    rows = {line[6:].split("  ")[0].strip(): line[:4] for line in r.stdout.splitlines()}
+    for feature in ("user namespaces", "clone3", "pidfd", "CLONE_INTO_CGROUP",
+                    "idmapped mounts", "seccomp actions", "sandbox spawn"):
+        assert rows.get(feature) == "ok  ", (feature, r.stdout, r.stderr)
+    assert r.returncode == (0 if all(v == "ok  " for v in rows.values()) else 1)
