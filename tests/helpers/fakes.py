@@ -111,7 +111,7 @@ def npm_token(valid: bool = True) -> bytes:
 
 
 def pypi_token() -> bytes:
-    return ("py" + "pi-" + "AgEIcHlwaS5vcmc" + rand(B64URL, 150)).encode()
+    return ("py" + "pi-" + "AgEIcHlwaS5vcmc" + rand(B64URL, 70)).encode()
 
 
 def slack_token() -> bytes:

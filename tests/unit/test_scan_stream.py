@@ -231,3 +231,28 @@ def test_feed_after_finish_is_an_error(full):
     stream.finish()
     with pytest.raises(ScanError):
         stream.feed(b"more")
+
+
+CACHE_RULES = [r for r in RULES if r.id in ("github-token", "jwt", "email", "encoded-base64", "binary")]
+
+
+def test_compiled_database_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANDBOXD_SCAN_CACHE", str(tmp_path))
+    first = Scanner(CACHE_RULES)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 3 and all(f.stat().st_mode & 0o077 == 0 for f in files)
+    second = Scanner(CACHE_RULES)
+    assert not second._triggers[1].som          # jwt is too large for start-of-match
+    assert [t.som for t in first._triggers] == [t.som for t in second._triggers]
+    data = b"x " + fakes.gh_token() + b" " + fakes.email() + b"\n"
+    assert summary(first.scan(data).findings) == summary(second.scan(data).findings)
+
+
+def test_a_cache_others_can_write_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANDBOXD_SCAN_CACHE", str(tmp_path))
+    Scanner(CACHE_RULES)
+    for f in tmp_path.iterdir():
+        f.write_bytes(b"garbage")
+        f.chmod(0o666)
+    scanner = Scanner(CACHE_RULES)      # recompiles instead of loading the tampered files
+    assert [f.rule_id for f in scanner.scan(b"t " + fakes.gh_token()).findings] == ["github-token"]
