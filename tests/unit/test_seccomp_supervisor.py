@@ -86,3 +86,85 @@ def test_no_second_escalation_when_the_sink_feeds_an_escalation_store():
     for _ in range(3):
         sup._record(sv.decode(_notif(seccomp.resolve("ptrace"))), answered=True)
     assert len(sink.find("seccomp_violation")) == 3 and sink.find("escalation") == []
+
+
+class _FakeKernel:
+    """Stands in for the listener's ioctls: RECV hands out one notification, SEND answers."""
+
+    def __init__(self, recv_error=None, send_error=None):
+        self.recv_error, self.send_error = recv_error, send_error
+        self.sent = []
+
+    def ioctl(self, fd, req, buf, mutate=False):
+        if req == sv.SECCOMP_IOCTL_NOTIF_RECV:
+            assert not any(buf), "the receive buffer must be zeroed"
+            if self.recv_error:
+                raise OSError(self.recv_error, "fake")
+            buf[:] = _notif(seccomp.resolve("unshare"), (0x10000000,) + (0,) * 5)
+            return 0
+        assert req == sv.SECCOMP_IOCTL_NOTIF_SEND
+        if self.send_error:
+            raise OSError(self.send_error, "fake")
+        self.sent.append(sv.NOTIF_RESP.unpack(buf))
+        return 0
+
+
+def _supervised(monkeypatch, kernel):
+    import asyncio
+    import os
+    monkeypatch.setattr(sv.fcntl, "ioctl", kernel.ioctl)
+    loop = asyncio.new_event_loop()
+    r, w = os.pipe()
+    sink = MemorySink()
+    sup = sv.SeccompSupervisor("sbxt-unit", audit=sink)
+    sup._fds[r] = loop
+    loop.add_reader(r, lambda: None)
+    return sup, sink, r, w, loop
+
+
+def _cleanup(sup, w, loop):
+    import os
+    sup.close()
+    os.close(w)
+    loop.close()
+
+
+def test_handle_answers_eperm_and_records(monkeypatch):
+    k = _FakeKernel()
+    sup, sink, r, w, loop = _supervised(monkeypatch, k)
+    try:
+        sup._handle_one(r)
+        assert k.sent == [(7, 0, -errno.EPERM, 0)]
+        (rec,) = sink.find("seccomp_violation", syscall="unshare")
+        assert rec["details"]["args"] == {"flags": 0x10000000}
+    finally:
+        _cleanup(sup, w, loop)
+
+
+def test_target_dead_before_receive_is_skipped(monkeypatch):
+    sup, sink, r, w, loop = _supervised(monkeypatch, _FakeKernel(recv_error=errno.ENOENT))
+    try:
+        sup._handle_one(r)
+        assert sink.records == [] and sup.watching() == 1
+    finally:
+        _cleanup(sup, w, loop)
+
+
+def test_target_dead_before_answer_is_recorded(monkeypatch):
+    sup, sink, r, w, loop = _supervised(monkeypatch, _FakeKernel(send_error=errno.ENOENT))
+    try:
+        sup._handle_one(r)
+        (rec,) = sink.find("seccomp_violation")
+        assert rec["details"]["target_gone"] is True and sup.watching() == 1
+    finally:
+        _cleanup(sup, w, loop)
+
+
+def test_broken_listener_is_closed_so_the_kernel_refuses(monkeypatch):
+    sup, sink, r, w, loop = _supervised(monkeypatch, _FakeKernel(recv_error=errno.EBADF))
+    try:
+        sup._handle_one(r)
+        assert sup.watching() == 0
+        assert sink.find("seccomp_supervisor")[0]["outcome"] == "error"
+    finally:
+        _cleanup(sup, w, loop)
