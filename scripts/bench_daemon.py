@@ -154,6 +154,31 @@ def bench_roundtrip(n: int, clients: int, sock: str) -> list[dict]:
             stats(f"API round trip GET /v1/health, {clients} concurrent", par, pwall)]
 
 
+def bench_revoke(sock: str, rounds: int, per_token: int = 2) -> list[dict]:
+    """Revocation: request -> every process of the token's sandboxes gone. The daemon
+    reports kill_ms (cgroup.kill of each sandbox until its cgroup.events says empty); the
+    client-side time adds the HTTP round trip."""
+    admin = Client(sock)
+    server, client = [], []
+    for _ in range(rounds):
+        tok = admin.grant_token(name="bench-revoke", ceiling={"memory": "1GiB"})
+        with Client(sock, token=tok["token"]) as c:
+            for _ in range(per_token):
+                c.create("default", OVERRIDES)
+        t0 = time.perf_counter()
+        out = admin.revoke_token(tok["id"])
+        client.append(time.perf_counter() - t0)
+        server.append(out["kill_ms"] / 1000)
+        for _ in range(200):                 # wait for the background destroys
+            if not admin.list():
+                break
+            time.sleep(0.05)
+    admin.close()
+    return [stats(f"revoke, {per_token} sandboxes: kill until empty (daemon)", server, sum(server)),
+            stats(f"revoke, {per_token} sandboxes: request to response (client)", client,
+                  sum(client))]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=200)
@@ -172,6 +197,7 @@ def main() -> int:
         more, breakdown = bench_api(args.n, args.clients, d.socket)
         api_rows += more
         more, b2 = bench_api(args.n, args.clients, d.socket, NO_DISK, " (no disk image)")
+        more += bench_revoke(d.socket, max(5, args.n // 10))
         api_rows += more
         breakdown.update(b2)
         metrics = Client(d.socket).metrics()

@@ -6,23 +6,18 @@ with a stand-in engine without root; the integration tests always use `RealEngin
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
+from sandbox.client import ExecResult
 from sandbox.errors import SandboxError
 
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 
 
-@dataclass
-class ExecOutcome:
-    exit_code: int | None
-    signal: int | None
-    reason: str
-    reason_text: str
-    usage: dict
-    duration: float
+# What the server reads of a finished command is exactly the client's ExecResult (the
+# output fields stay empty here: output went out through on_output and the scanner).
+ExecOutcome = ExecResult
 
 
 class Handle(Protocol):
