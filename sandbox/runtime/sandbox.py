@@ -159,7 +159,7 @@ def _close_mount_fds(ctx: SandboxContext):
 
 def _auto_workspace(ctx: SandboxContext) -> str:
     base = Path(ctx.workspace_dir) if ctx.workspace_dir else ctx.state_dir / "workspaces" / ctx.id
-    ctx.intent.add("dir", path=str(base))
+    ctx.intent.add("dir", path=str(base), keep=bool(ctx.keep_workspace))
     base.mkdir(parents=True, mode=0o755)
     u, r = ctx.policy.user, ctx.uidrange
     os.chown(base, r.host_uid(u.uid), r.host_uid(u.gid))
@@ -382,12 +382,11 @@ class Sandbox:
             self._kill_for("timeout", f"command exceeded its {timeout:g} s time limit; "
                                       "the sandbox was killed")
             await asyncio.wait(tasks, timeout=10)
-            for t in tasks:
-                t.cancel()
         finally:
-            if feeder is not None:
-                feeder.cancel()
-                await asyncio.gather(feeder, return_exceptions=True)
+            # on a timeout, a cancelled caller or a failing on_output: nothing keeps running
+            for t in [*tasks, *([feeder] if feeder else [])]:
+                t.cancel()
+            await asyncio.gather(*tasks, *([feeder] if feeder else []), return_exceptions=True)
             chan.report.close()
         reports = tasks[2].result() if tasks[2].done() and not tasks[2].cancelled() else []
         res = self._result(argv, reports, timed_out, time.monotonic() - t0, mark)
@@ -527,18 +526,3 @@ def _same_process(pid: int, ctx: SandboxContext) -> bool:
     """Is `pid` still our init (not a reused pid)? Compares the recorded start time."""
     st = ctx.extra.get("init_starttime")
     return st is None or proc_starttime(pid) == st
-
-
-def cleanup(fields: dict) -> None:
-    """Crash recovery for intent kinds `process` (pid, starttime) and `dir` (path)."""
-    if "pid" in fields:
-        pid = fields["pid"]
-        if proc_starttime(pid) == fields.get("starttime") and fields.get("starttime") is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    elif "path" in fields:
-        shutil.rmtree(fields["path"], ignore_errors=True)
-        if os.path.exists(fields["path"]):
-            raise TeardownError("directory not removed", leftovers=[fields["path"]])
