@@ -9,6 +9,7 @@ would allow root, root of its own user namespace)."""
 import os
 import secrets
 import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -332,3 +333,50 @@ def test_by_default_a_name_cannot_be_pointed_at_internal_addresses(lab, sandbox)
     assert resolve(lab, h, "api.example.test") == {"rcode": "NOERROR", "a": [], "tc": False}
     assert network.HostSide.get().call(_allowed, h.table) == set()
     assert connect(lab, h, "10.250.1.2", 443)["ok"] is False
+
+
+_CRASHING_DAEMON = r'''
+import sys, time
+from types import SimpleNamespace
+from pathlib import Path
+from sandbox.audit.sink import NULL_SINK
+from sandbox.kernel import network
+from sandbox.policy.schema import NetworkPolicy, Policy
+from sandbox.runtime.intent import Intent
+host, nsdir, state, sid = sys.argv[1:5]
+network.configure(host_netns=host, netns_dir=nsdir)
+pol = Policy(network=NetworkPolicy(mode="egress", allow=("api.example.test", "10.250.2.2:9000"),
+                                   rate=1_000_000, dns_upstream=("10.250.3.2",), dns_private=True))
+ctx = SimpleNamespace(id=sid, policy=pol, plan=SimpleNamespace(netns_fd=None), audit=NULL_SINK,
+                      intent=Intent.create(Path(state), sid, {}), extra={})
+h = network.setup(ctx)
+print(h.netns, h.veth, h.table, flush=True)
+time.sleep(60)
+'''
+
+
+def test_daemon_killed_then_recovery_removes_everything(lab, tmp_path):
+    """A real crash: the process that made the network is SIGKILLed; a restarted daemon's
+    recovery (runtime/recovery.py) finds the intent record and removes every object."""
+    from sandbox.runtime.recovery import recover
+    sid = f"t{os.getpid()}crash"
+    p = subprocess.Popen([sys.executable, "-c", _CRASHING_DAEMON, f"/run/netns/{lab.host}",
+                          lab.netns_dir, str(tmp_path), sid], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        names = tuple(p.stdout.readline().split())
+        assert len(names) == 3, p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        p.stderr.close()
+    netns, veth, table = names
+    assert os.path.exists(f"{lab.netns_dir}/{netns}") and veth in lab.host_links()
+    assert table in lab.host_nft()
+    report = recover(tmp_path)
+    assert report.ok, report.leftovers
+    assert sorted(r.split("(")[0] for r in report.sandboxes[0].removed) == [
+        "netns", "nft", "qdisc", "veth"]
+    _nothing_left(lab, names)
