@@ -285,6 +285,8 @@ def resolve(name: str) -> int | None:
 
 def syscall_name(nr: int, arch: int = AUDIT_ARCH_X86_64) -> str:
     """A readable name for a syscall a notification reports ("i386:getpid", "x32:42")."""
+    if nr < 0:
+        return f"invalid:{nr}"
     if arch == AUDIT_ARCH_X86_64 and nr & X32_SYSCALL_BIT:
         return f"x32:{nr & ~X32_SYSCALL_BIT}"
     table, prefix = {AUDIT_ARCH_X86_64: (_scmp.Arch.X86_64, ""),

@@ -8,7 +8,8 @@ hands it to `SeccompSupervisor.watch(fd)`. For each notification the supervisor
 - answers EPERM (never SECCOMP_USER_NOTIF_FLAG_CONTINUE: the agent could change the
   arguments in memory between our look and the kernel's, seccomp_unotify(2) "Caveats"),
 - writes one audit record: sandbox, pid, syscall name, the arguments that matter, time,
-- and, past `probe_threshold` denials, one "escalation" record of kind "boundary_probing".
+- and, past `probe_threshold` denials, one "escalation" record of kind "boundary_probing"
+  (past MAX_RECORDS, attempts are counted and summed up in one record at close()).
 
 It never blocks the event loop: the listener is watched with loop.add_reader, and the
 receive ioctl only runs when poll(2) says a notification is waiting (SECCOMP_IOCTL_NOTIF_RECV
@@ -28,6 +29,7 @@ import fcntl
 import os
 import select
 import struct
+import threading
 import time
 
 from sandbox.audit.sink import NULL_SINK, AuditSink
@@ -50,6 +52,10 @@ SECCOMP_IOCTL_NOTIF_SEND = _iowr(1, NOTIF_RESP.size)
 
 # Notifications handled per wake-up before yielding back to the loop (bounds one callback).
 BATCH = 32
+# Records written one by one per sandbox. Past this, a program hammering a deny-listed
+# syscall would only fill the audit log: attempts are still refused, counted per syscall,
+# and summed up in one record when the supervisor closes.
+MAX_RECORDS = 1000
 
 
 def decode(buf: bytes) -> dict:
@@ -92,6 +98,7 @@ class SeccompSupervisor:
         self.probe_threshold = probe_threshold
         self.denials = 0
         self.escalated = False
+        self.suppressed: dict[str, int] = {}   # syscall -> attempts past MAX_RECORDS
         self._fds: dict[int, asyncio.AbstractEventLoop] = {}   # listener fd -> its loop
 
     # -- hand-off from the engine (SandboxContext.seccomp_listener)
@@ -111,14 +118,36 @@ class SeccompSupervisor:
         fail with ENOSYS in the sandbox (still refused)."""
         for fd in list(self._fds):
             self._unwatch(fd)
+        if self.suppressed:
+            self.audit.record("seccomp_violation", sandbox=self.sandbox_id, outcome="denied",
+                              resource="summary",
+                              details={"summary": True, "not_recorded_one_by_one": dict(self.suppressed),
+                                       "attempts": sum(self.suppressed.values())})
+            self.suppressed = {}
 
     def _unwatch(self, fd: int) -> None:
         loop = self._fds.pop(fd, None)
         if loop is None:
             return
-        if not loop.is_closed():
-            loop.remove_reader(fd)
-        os.close(fd)
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or not loop.is_running():
+            _stop_watching(loop, fd)
+            return
+        # The loop runs in another thread (the daemon destroys sandboxes in a worker thread):
+        # a selector may only be changed from its own thread, so ask the loop to do it.
+        done = threading.Event()
+
+        def stop():
+            try:
+                _stop_watching(loop, fd)
+            finally:
+                done.set()
+
+        loop.call_soon_threadsafe(stop)
+        done.wait(10)  # bounded; if the loop is stuck, it still closes the fd when it runs
 
     # -- the notification path
     def _on_readable(self, fd: int) -> None:
@@ -164,8 +193,11 @@ class SeccompSupervisor:
         details["time"] = time.time()
         if not answered:
             details["target_gone"] = True
-        self.audit.record("seccomp_violation", sandbox=self.sandbox_id, outcome="denied",
-                          resource=details["syscall"], details=details)
+        if self.denials <= MAX_RECORDS:
+            self.audit.record("seccomp_violation", sandbox=self.sandbox_id, outcome="denied",
+                              resource=details["syscall"], details=details)
+        else:
+            self.suppressed[details["syscall"]] = self.suppressed.get(details["syscall"], 0) + 1
         if self.denials > self.probe_threshold and not self.escalated:
             self.escalated = True
             if hasattr(self.audit, "escalations"):
@@ -179,6 +211,12 @@ class SeccompSupervisor:
                                        "detail": {"denials": self.denials, "last": "seccomp",
                                                   "threshold": self.probe_threshold,
                                                   "syscall": details["syscall"]}})
+
+def _stop_watching(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    if not loop.is_closed():
+        loop.remove_reader(fd)
+    os.close(fd)
+
 
 def _poll_now(fd: int) -> int:
     p = select.poll()

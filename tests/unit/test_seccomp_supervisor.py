@@ -168,3 +168,44 @@ def test_broken_listener_is_closed_so_the_kernel_refuses(monkeypatch):
         assert sink.find("seccomp_supervisor")[0]["outcome"] == "error"
     finally:
         _cleanup(sup, w, loop)
+
+
+def test_a_flood_is_refused_counted_and_summed_up(monkeypatch):
+    monkeypatch.setattr(sv, "MAX_RECORDS", 5)
+    sink = MemorySink()
+    sup = sv.SeccompSupervisor("sbxt-unit", audit=sink, probe_threshold=1000)
+    n = sv.decode(_notif(seccomp.resolve("mount")))
+    for _ in range(12):
+        sup._record(n, answered=True)
+    assert len(sink.find("seccomp_violation", syscall="mount")) == 5
+    sup.close()
+    (summary,) = sink.find("seccomp_violation", summary=True)
+    assert summary["details"]["not_recorded_one_by_one"] == {"mount": 7}
+    assert summary["details"]["attempts"] == 7 and summary["outcome"] == "denied"
+
+
+def test_invalid_numbers_get_a_plain_name():
+    assert seccomp.syscall_name(-1) == "invalid:-1"
+
+
+def test_close_from_another_thread_lets_the_loop_drop_the_fd():
+    """The daemon destroys sandboxes in a worker thread while the loop runs elsewhere."""
+    import asyncio
+    import os
+
+    async def main():
+        r, w = os.pipe()
+        sup = sv.SeccompSupervisor("sbxt-unit", audit=MemorySink())
+        sup.watch(r)
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(sup.close)
+        assert sup.watching() == 0
+        assert not loop.remove_reader(r)   # already removed, on the loop's own thread
+        os.close(w)
+        try:
+            os.fstat(r)
+        except OSError:
+            return True
+        return False
+
+    assert asyncio.run(main())
