@@ -17,6 +17,10 @@ would otherwise sleep). If the target dies between poll and receive or before ou
 the ioctls fail with ENOENT and we carry on. If the supervisor dies or closes the listener,
 the kernel fails the notifying syscalls with ENOSYS: they stay refused (seccomp_unotify(2)).
 
+Records go to the sandbox's audit sink like every other part's (the durable log returns
+after its write is on disk; the daemon's escalation-watching sink sees them there), at most
+MAX_RECORDS one by one per sandbox, so a flood of attempts cannot stall the loop for long.
+
 We never read the target's memory or /proc entries, only the registers the kernel copied
 into the notification, so there is no pid-reuse race for SECCOMP_IOCTL_NOTIF_ID_VALID to
 close; the pid recorded is the one the kernel translated into our pid namespace at receive.
