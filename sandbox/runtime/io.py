@@ -116,13 +116,11 @@ async def feed_stdin(fd: int, stdin) -> None:
     ready = asyncio.Event()
     loop.add_writer(fd, ready.set)
     try:
-        chunks = [stdin] if isinstance(stdin, (bytes, bytearray, memoryview)) else stdin
-        if isinstance(chunks, list):
-            async def _it():
-                for c in chunks:
-                    yield c
-            chunks = _it()
-        async for chunk in chunks:
+        if isinstance(stdin, (bytes, bytearray, memoryview)):
+            async def _once(data=stdin):
+                yield data
+            stdin = _once()
+        async for chunk in stdin:
             view = memoryview(bytes(chunk))
             while view:
                 try:

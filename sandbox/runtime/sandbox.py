@@ -376,12 +376,16 @@ class Sandbox:
                   if chan.stdin_parent is not None else None)
         timed_out = False
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.gather(*tasks)), timeout)
-        except asyncio.TimeoutError:
-            timed_out = True
-            self._kill_for("timeout", f"command exceeded its {timeout:g} s time limit; "
-                                      "the sandbox was killed")
-            await asyncio.wait(tasks, timeout=10)
+            done, pending = await asyncio.wait(tasks, timeout=timeout,
+                                               return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()
+            if pending:
+                timed_out = True
+                self._kill_for("timeout", f"command exceeded its {timeout:g} s time limit; "
+                                          "the sandbox was killed")
+                await asyncio.wait(tasks, timeout=10)  # outputs end as the sandbox dies
         finally:
             # on a timeout, a cancelled caller or a failing on_output: nothing keeps running
             for t in [*tasks, *([feeder] if feeder else [])]:

@@ -256,3 +256,57 @@ def test_doctor_reports_features_and_a_working_spawn():
                     "idmapped mounts", "seccomp actions", "sandbox spawn"):
         assert rows.get(feature) == "ok  ", (feature, r.stdout, r.stderr)
     assert r.returncode == (0 if all(v == "ok  " for v in rows.values()) else 1)
+
+
+def test_init_forwards_sigterm_and_reaps_orphans(make_sandbox):
+    import asyncio
+
+    async def scenario(sb):
+        seen, listed = [], asyncio.Event()
+
+        def on_output(stream, data):
+            seen.append(data)
+            if b"listed" in b"".join(seen):
+                listed.set()
+        task = asyncio.ensure_future(sb.exec(
+            ["sh", "-c", "sh -c 'true &'; sleep 0.2; "   # an orphan for init to reap
+                         "grep -l '^State:.*Z' /proc/[0-9]*/status; echo listed; "
+                         "exec sleep 60"], on_output=on_output))
+        await asyncio.wait_for(listed.wait(), 30)
+        for _ in range(100):  # bounded: until `exec sleep 60` replaced the shell
+            if _sleeping_in(sb):
+                break
+            await asyncio.sleep(0.05)
+        signal.pidfd_send_signal(sb.pidfd, signal.SIGTERM)  # to init, from the host
+        return await task, b"".join(seen)
+    sb = make_sandbox()
+    res, out = asyncio.run(scenario(sb))
+    assert b"/status" not in out  # no zombie: init reaped the orphan
+    assert (res.reason, res.signal) == ("signaled", signal.SIGTERM)
+    assert res.status == 128 + signal.SIGTERM
+    assert run(sb, ["true"]).exit_code == 0  # init itself lives on
+
+
+def _sleeping_in(sb) -> bool:
+    mine = os.readlink(f"/proc/{sb.init_pid}/ns/pid")
+    for p in os.listdir("/proc"):
+        try:
+            if (p.isdigit() and os.readlink(f"/proc/{p}/ns/pid") == mine
+                    and Path(f"/proc/{p}/comm").read_text().strip() == "sleep"):
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_stdin_bytes_kill_and_freeze_without_a_cgroup(make_sandbox, monkeypatch):
+    from sandbox.errors import UnsupportedError
+    _without(monkeypatch, "sandbox.kernel.cgroups")
+    sb = make_sandbox()
+    assert run(sb, ["cat"], stdin=b"abc" * 50000).stdout == b"abc" * 50000
+    with pytest.raises(UnsupportedError):
+        sb.freeze()
+    sb.kill()  # no cgroup: SIGKILL to init ends the pid namespace
+    assert sbmod._wait_pidfd(sb.pidfd, 10.0)
+    with pytest.raises(SandboxError, match="killed by the operator"):
+        run(sb, ["true"])
