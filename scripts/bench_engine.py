@@ -35,11 +35,19 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def timed(fn, n):
+FAILURES: dict[str, list[str]] = defaultdict(list)
+
+
+def timed(fn, n, label):
+    """Times of the successful runs; failures are counted and shown, not hidden."""
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        fn()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - a failed run is reported, the bench goes on
+            FAILURES[label].append(str(e).splitlines()[-1][:200])
+            continue
         out.append(time.perf_counter() - t0)
     return out
 
@@ -63,15 +71,18 @@ def main():
         sys.exit("bench_engine: run as root")
     policy = load_policy("default")
     results, step_times, destroy_times = {}, {}, {}
+    print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as d:
         state = Path(d)
 
         def run_cli():
-            subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state), "--", "/bin/true"],
-                           check=True, stdin=subprocess.DEVNULL)
+            r = subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state), "--", "/bin/true"],
+                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if r.returncode:
+                raise RuntimeError(r.stderr.strip() or f"exit {r.returncode}")
 
-        results["bwrap"] = timed(lambda: subprocess.run(BWRAP, check=True), args.n)
-        results["sandboxctl run"] = timed(run_cli, args.n)
+        results["bwrap"] = timed(lambda: subprocess.run(BWRAP, check=True), args.n, "bwrap")
+        results["sandboxctl run"] = timed(run_cli, args.n, "sandboxctl run")
         for label, modules, sup in (("engine API (all steps)", sbmod.FACILITY_MODULES,
                                      sbmod.SUPERVISOR_MODULE),
                                     ("engine API (engine steps only)", (),
@@ -80,7 +91,7 @@ def main():
             sbmod.FACILITY_MODULES, sbmod.SUPERVISOR_MODULE = modules, sup
             steps, dt = defaultdict(list), []
             try:
-                results[label] = timed(lambda: engine_once(policy, state, steps, dt), args.n)
+                results[label] = timed(lambda: engine_once(policy, state, steps, dt), args.n, label)
             finally:
                 sbmod.FACILITY_MODULES, sbmod.SUPERVISOR_MODULE = saved
             step_times[label], destroy_times[label] = steps, dt
@@ -88,13 +99,19 @@ def main():
     print(f"/bin/true, {args.n} runs each (milliseconds)")
     print(f"{'':34} {'median':>8} {'p95':>8} {'vs bwrap':>9}")
     for label, xs in results.items():
+        if not xs:
+            print(f"{label:34} every run failed")
+            continue
         med = statistics.median(xs)
         print(f"{label:34} {med*1000:8.2f} {pct(xs, 95)*1000:8.2f} {med/base:8.2f}x")
+    for label, errs in FAILURES.items():
+        print(f"{label}: {len(errs)} of {args.n} runs failed, e.g.: {errs[0]}")
     for label, steps in step_times.items():
         print(f"\nlifecycle steps, median ms: {label}")
         for name, xs in steps.items():
             print(f"  {name:14} {statistics.median(xs)*1000:8.2f}")
-        print(f"  {'destroy':14} {statistics.median(destroy_times[label])*1000:8.2f}")
+        if destroy_times[label]:
+            print(f"  {'destroy':14} {statistics.median(destroy_times[label])*1000:8.2f}")
 
 
 if __name__ == "__main__":
