@@ -13,8 +13,9 @@ Why this shape (and not hyperscan streaming mode or start-of-match offsets):
   match, so the tail is `window` bytes = the longest max_len of any rule (+ slack). That
   costs `window` bytes of memory and of latency per stream (bytes are released once `window`
   more bytes have arrived, or at finish()), and re-scanning the tail on the next feed:
-  negligible for 64 KiB pipe reads, quadratic-looking only when fed tiny pieces (then we
-  skip scanning until enough bytes are buffered to release something).
+  negligible for 64 KiB pipe reads. Small pieces are buffered without scanning until 2 x
+  `window` bytes are held, so every scan releases at least `window` bytes (the hold-back is
+  between 1 and 2 windows).
 """
 from __future__ import annotations
 
@@ -256,8 +257,10 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
     for frm, to in sorted(hits):
         if to <= covered:
             continue                  # inside a match already confirmed
-        anchor = frm - rule.lookback if trig.som else to - rule.max_len - SLACK
-        pos, hi = max(0, anchor), min(n, max(anchor, 0) + rule.max_len + 2 * SLACK + rule.lookback)
+        if trig.som:                  # the match starts near the trigger's start
+            pos, hi = max(0, frm - rule.lookback), min(n, frm + rule.max_len + SLACK)
+        else:                         # it contains the trigger's end, at most max_len long
+            pos, hi = max(0, to - rule.max_len - SLACK), min(n, to + rule.max_len + SLACK)
         while pos <= to:              # search, not finditer: stop once past this trigger
             m = rx.search(buf, pos, hi)
             if m is None or m.start() > to:
@@ -346,8 +349,10 @@ class ScanStream:
             raise ScanError("feed() after finish() on a scan stream")
         self.total += len(chunk)
         extra = self._volume()
-        if len(self._tail) + len(chunk) <= self.scanner.window:
-            self._tail += chunk     # nothing can be released yet: do not scan at all
+        if len(self._tail) + len(chunk) <= 2 * self.scanner.window:
+            # buffer until a scan can release at least `window` bytes: a writer trickling
+            # single bytes costs O(1) scanning per byte, not O(window)
+            self._tail += chunk
             return self._result(b"", extra)
         return self._scan(chunk, final=False, extra=extra)
 

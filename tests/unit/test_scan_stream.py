@@ -256,3 +256,22 @@ def test_a_cache_others_can_write_is_ignored(tmp_path, monkeypatch):
         f.chmod(0o666)
     scanner = Scanner(CACHE_RULES)      # recompiles instead of loading the tampered files
     assert [f.rule_id for f in scanner.scan(b"t " + fakes.gh_token()).findings] == ["github-token"]
+
+
+def test_mixed_log_with_every_fake_under_random_chunking(full):
+    """Every rule's fake (some base64/hex-encoded) planted deep in a generated build log, far
+    beyond the window from the start; random chunkings find exactly what one pass finds."""
+    import base64
+    import random
+    r = random.Random(1234)
+    lines = (FILLER * 3000).split(b"\n")
+    for make in fakes.FAKES.values():
+        value = make()
+        value = r.choice([value, value, base64.b64encode(value), value.hex().encode()])
+        lines.insert(r.randrange(len(lines) // 4, len(lines)), b"out: " + value)
+    data = b"\n".join(lines)
+    ref = feed_chunks(full, data, [len(data)])
+    assert {f.rule_id for f in ref[1]} == set(fakes.FAKES)
+    for _ in range(4):
+        sizes = [r.choice([7, 100, 4000, 9000, 70000]) for _ in range(50)]
+        assert summary(feed_chunks(full, data, sizes)[1]) == summary(ref[1]), sizes
