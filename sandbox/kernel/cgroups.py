@@ -143,6 +143,24 @@ def _wait_until(predicate) -> bool:
     return predicate()
 
 
+def _sigkill(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _kill_until_empty(list_pids):
+    """SIGKILL whatever list_pids() returns until it returns nothing (bounded rounds)."""
+    for _ in range(_KILL_ROUNDS):
+        tasks = list_pids()
+        if not tasks:
+            return
+        _sigkill(tasks)
+        _wait_until(lambda: not list_pids())
+
+
 def host_swap_bytes() -> int:
     """Total swap on the host (/proc/meminfo SwapTotal), in bytes."""
     try:
@@ -311,11 +329,7 @@ class SandboxCgroup:
                 return
             _write(freezer / "freezer.state", "FROZEN")
             _wait_until(lambda: _read(freezer / "freezer.state").strip() != "FREEZING")
-            for pid in self.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _sigkill(self.pids())
             _write(freezer / "freezer.state", "THAWED")
             _wait_until(lambda: not self.pids())
         if self.pids():
@@ -324,16 +338,7 @@ class SandboxCgroup:
 
     def _kill_by_signal(self):
         """Last resort for tasks outside the cgroup2 directory (should never happen)."""
-        for _ in range(_KILL_ROUNDS):
-            tasks = self.pids()
-            if not tasks:
-                return
-            for pid in tasks:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            _wait_until(lambda: not self.pids())
+        _kill_until_empty(self.pids)
 
     # reporting -------------------------------------------------------------
     def usage(self) -> dict:
@@ -754,16 +759,7 @@ def cleanup(fields: dict):
         return
     if (path / "cgroup.kill").exists():
         _write(path / "cgroup.kill", "1")
-    for _ in range(_KILL_ROUNDS):
-        tasks = _read_pids(path / "cgroup.procs")
-        if not tasks:
-            break
-        for pid in tasks:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _wait_until(lambda: not _read_pids(path / "cgroup.procs"))
+    _kill_until_empty(lambda: _read_pids(path / "cgroup.procs"))
     left = _rmdir_verified(path)
     if left:
         raise TeardownError("cgroup not removed", leftovers=[left])

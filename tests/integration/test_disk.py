@@ -67,10 +67,15 @@ def test_layout_inside_the_disk(base):
 
 
 def test_no_room_on_the_host_is_refused(base, monkeypatch):
-    monkeypatch.setattr(disk, "HEADROOM", 1024**5)     # more than any host has
-    with pytest.raises(UnsupportedError, match="not enough host disk"):
-        disk.create("noroom", SMALL.disk, base=base)
-    assert list((base / "images").iterdir()) == []
+    """Sparse images promise space: when live ones could grow past the free space, refuse."""
+    live = disk.create("live", SMALL.disk, base=base)
+    try:
+        monkeypatch.setattr(disk, "_unwritten", lambda img: 1 << 60)   # live images promise 1 EiB
+        with pytest.raises(UnsupportedError, match="not enough host disk"):
+            disk.create("noroom", SMALL.disk, base=base)
+        assert [p.name for p in (base / "images").iterdir()] == ["live.img"]
+    finally:
+        live.remove()
 
 
 def test_host_workspace_is_refused_unless_the_policy_accepts_it(tmp_path):

@@ -17,7 +17,7 @@ from sandbox.audit.sink import MemorySink
 from sandbox.errors import CgroupError
 from sandbox.kernel import cgroups
 from sandbox.policy import load_policy
-from tests.helpers.engine import PY, py, sh, state_dir  # noqa: F401 - fixture
+from tests.helpers.engine import PY, make_sandbox, py, sh, state_dir  # noqa: F401 - fixtures
 from tests.helpers.limits import (FORK_BOMB, SMALL, alive, cgroup_roots, favour_cpu, parent_name,
                                   without_controller)
 
@@ -25,39 +25,30 @@ LIMITS = {"cpus": SMALL.cpus, "memory": "64MiB", "pids": SMALL.pids, "disk": "64
 
 
 @pytest.fixture
-def box(state_dir):  # noqa: F811
-    """box(**overrides) -> (sandbox, audit sink); destroyed, cgroup parent and disks removed."""
-    from sandbox.runtime.sandbox import Sandbox
+def lim_env():
+    """(cgroup parent, disk image dir) of this test; removed after its sandboxes."""
     # Images live in the temp dir: on the host an ext4 disk, in the VM a tmpfs (its root is
     # read-only); either way the image bounds the sandbox, not the directory.
     parent = parent_name("-lim")
     disk_base = Path(tempfile.gettempdir()) / f"sbxt-{os.getpid()}-limdisk"
-    made = []
+    try:
+        yield parent, disk_base
+    finally:
+        shutil.rmtree(disk_base, ignore_errors=True)
+        cgroups.driver_for(parent=parent).remove_parent()
+
+
+@pytest.fixture
+def box(lim_env, make_sandbox):  # noqa: F811 - make_sandbox destroys them before lim_env
+    """box(**policy overrides) -> (sandbox, audit sink) under the test's small limits."""
+    parent, disk_base = lim_env
 
     def make(**policy_overrides):
         sink = MemorySink()
         pol = load_policy("default", {"limits": LIMITS, **policy_overrides})
-        sb = Sandbox.create(pol, audit=sink, state_dir=state_dir, cgroup_parent=parent,
-                            disk_base=str(disk_base))
-        made.append(sb)
-        return sb, sink
+        return make_sandbox(pol, audit=sink, cgroup_parent=parent, disk_base=str(disk_base)), sink
 
-    try:
-        yield make
-    finally:
-        errors = []
-        for sb in made:
-            try:
-                sb.destroy()
-            except Exception as e:  # noqa: BLE001 - destroy every one, then report
-                errors.append(e)
-        try:
-            cgroups.driver_for(parent=parent).remove_parent()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-        shutil.rmtree(disk_base, ignore_errors=True)
-        if errors:
-            raise errors[0]
+    return make
 
 
 def _exec_records(sink, outcome):
@@ -138,14 +129,15 @@ def test_double_fork_and_detach_is_killed_on_destroy(box):
 
 
 @pytest.mark.parametrize("missing", ["pids", "memory"])
-def test_policy_asking_for_a_missing_controller_is_refused(box, state_dir, monkeypatch, missing):  # noqa: F811
+def test_policy_asking_for_a_missing_controller_is_refused(box, lim_env, state_dir, monkeypatch,  # noqa: F811
+                                                           missing):
     real = cgroups.host_layout()
     monkeypatch.setattr(cgroups, "host_layout", lambda: without_controller(real, missing))
     with pytest.raises(CgroupError, match=f"controller '{missing}'"):
         box()
     assert not list(state_dir.glob("sandboxes/*")), "the refused sandbox left its state"
     for root in cgroup_roots(real):
-        d = root / parent_name("-lim")
+        d = root / lim_env[0]
         assert not d.exists() or not [c for c in d.iterdir() if c.is_dir()], f"cgroup left in {d}"
 
 

@@ -6,6 +6,11 @@ import pytest
 
 from sandbox.kernel import cgroups
 from tests.helpers import limits as L
+# The driver-independent checks, collected again here with this module's v2 `made` fixture.
+from tests.integration.test_cgroups import (  # noqa: F401
+    test_cpu_spinner_gets_half_a_cpu, test_double_fork_and_detach_is_killed_on_remove,
+    test_fork_bomb_stops_at_pids_limit, test_freeze_stops_and_thaw_resumes,
+    test_memory_bomb_is_oom_killed_and_reported, test_per_command_figures)
 
 
 def _v2_layout():
@@ -43,36 +48,6 @@ def test_limits_are_written(made):
     assert cg.v1_procs() == [] and isinstance(cg.open_fd(), int)
 
 
-def test_fork_bomb_stops_at_pids_limit(made):
-    L.check_fork_bomb(made)
-
-
-def test_memory_bomb_is_oom_killed_and_reported(made):
-    L.check_memory_bomb(made)
-
-
-def test_cpu_spinner_gets_half_a_cpu(made):
-    L.check_cpu_quota(made)
-
-
-def test_double_fork_and_detach_is_killed_on_remove(made):
-    L.check_double_fork_killed(made)
-
-
-def test_freeze_stops_and_thaw_resumes(made):
-    L.check_freeze_thaw(made)
-
-
 @pytest.mark.parametrize("missing", ["pids", "memory", "cpu"])
 def test_policy_needing_a_missing_controller_is_refused(missing):
     L.check_missing_controller_refused(_v2_layout(), cgroups.V2Driver, missing)
-
-
-def test_per_command_figures(made):
-    cg = made.create("percmd")
-    mark = cg.mark()
-    p = made.start(cg, L.python("x = bytearray(16 * 1024 * 1024)"))
-    p.wait(timeout=30)
-    fig = cg.since(mark)
-    assert fig["oom_kills"] == 0 and fig["pids_max_hits"] == 0
-    assert fig["memory_peak"] >= 16 * L.MiB and fig["cpu_seconds"] > 0
