@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from sandbox.errors import PolicyError
-from sandbox.policy.schema import Policy
+from sandbox.policy.schema import Policy, _str_map
 
 REPO_POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 SYSTEM_POLICY_DIR = Path("/etc/sandboxd/policies")
@@ -50,6 +50,9 @@ def read_policy_toml(path: Path) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"not valid TOML: {e}", source=str(path)) from None
+    except UnicodeDecodeError as e:
+        raise PolicyError(f"not valid UTF-8 (byte {e.start}), TOML files are UTF-8",
+                          source=str(path)) from None
     except OSError as e:
         raise PolicyError(f"cannot read: {e.strerror}", source=str(path)) from None
 
@@ -59,9 +62,11 @@ def load_policy(name_or_path: str, overrides: dict | None = None) -> Policy:
     path = find_policy(name_or_path)
     data = read_policy_toml(path)
     data.setdefault("name", path.stem)
+    source = str(path)
     if overrides:
         data = merge_overrides(data, overrides)
-    return policy_from_dict(data, source=str(path))
+        source += " (with overrides)"   # the bad value may come from the request, not the file
+    return policy_from_dict(data, source=source)
 
 
 def merge_overrides(data: dict, overrides: dict) -> dict:
@@ -78,7 +83,27 @@ def merge_overrides(data: dict, overrides: dict) -> dict:
 def policy_from_dict(data: dict, source: str = "<policy>") -> Policy:
     if not isinstance(data, dict):
         raise PolicyError("a policy must be a table", source=source)
-    return _build(Policy, data, "", source)
+    policy = _build(Policy, data, "", source)
+    _check_ro_bind_symlinks(policy.filesystem.ro_binds, source)
+    return policy
+
+
+def _check_ro_bind_symlinks(binds: tuple, source: str) -> None:
+    """A read-only bind follows symlinks (mount(2) resolves its source), so a bind path that
+    is or goes through a symlink exposes whatever it points to: a link to / would show the
+    whole host. Such a path is accepted only when its real path lies inside another bind of
+    the policy that is itself free of symlinks (Debian's merged /usr: /lib -> usr/lib, under
+    /usr). Reads the host's paths, changes nothing; missing paths are the engine's (skipped)."""
+    plain = [os.path.normpath(b) for b in binds if os.path.realpath(b) == os.path.normpath(b)]
+    for b in binds:
+        real = os.path.realpath(b)
+        if real == os.path.normpath(b):
+            continue
+        if any(real == q or real.startswith(q.rstrip("/") + "/") for q in plain):
+            continue
+        raise PolicyError(f"{b} goes through a symlink (resolves to {real}), outside the "
+                          "policy's other read-only binds; give the real path",
+                          field="filesystem.ro_binds", source=source)
 
 
 def _build(cls, data: dict, prefix: str, source: str):
@@ -127,13 +152,15 @@ def _check_type(raw, typ):
 
 
 def policy_to_dict(policy: Policy) -> dict:
-    """A JSON-able dict of the effective policy (tuples become lists, env pairs a table)."""
-    def conv(obj):
+    """A JSON-able dict of the effective policy, in the TOML's shape: tuples become lists,
+    name = value fields (environment.set, ...) tables, even when empty, so that
+    policy_from_dict(policy_to_dict(p)) == p."""
+    def conv(obj, f=None):
         if dataclasses.is_dataclass(obj):
-            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            return {g.name: conv(getattr(obj, g.name), g) for g in dataclasses.fields(obj)}
+        if f is not None and f.metadata.get("conv") is _str_map:
+            return dict(obj)
         if isinstance(obj, tuple):
-            if obj and all(isinstance(x, tuple) and len(x) == 2 for x in obj):
-                return {k: v for k, v in obj}
             return [conv(x) for x in obj]
         return obj
     return conv(policy)

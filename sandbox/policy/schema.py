@@ -30,6 +30,10 @@ def _tuple_of_str(value):
 def _str_map(value):
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ValueError("expected a table of string values")
+    for k, v in value.items():
+        if "\0" in v:
+            # execve(2) and the files these end up in take NUL-terminated strings.
+            raise ValueError(f"the value of {k!r} contains NUL")
     return tuple(sorted(value.items()))
 
 
@@ -49,8 +53,9 @@ class UserPolicy:
             v = getattr(self, name)
             if not 0 <= v < 65534:
                 raise ValueError(f"{name}: must be between 0 and 65533, got {v}")
-        if (self.uid == 0 or self.gid == 0) and not self.allow_root:
-            raise ValueError("uid: 0 needs allow_root = true")
+        for name in ("uid", "gid"):
+            if getattr(self, name) == 0 and not self.allow_root:
+                raise ValueError(f"{name}: 0 needs allow_root = true")
         if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", self.name):
             raise ValueError(f"name: not a valid user name: {self.name!r}")
 
