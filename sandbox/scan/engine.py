@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import hyperscan
@@ -143,7 +144,8 @@ def _compile(exprs, ids, key: str, use_cache: bool):
 
 
 class Scanner:
-    """A compiled rule set. Thread-compatible: one stream per output, one scanner per thread."""
+    """A compiled rule set, shared by all streams and threads (scratch space is per thread);
+    a ScanStream belongs to one output and is used from one thread at a time."""
 
     def __init__(self, rules: list[Rule], *, expected_output: int | None = None,
                  binary: str | None = None, max_depth: int = MAX_DEPTH, cache: bool = True):
@@ -167,7 +169,8 @@ class Scanner:
                 db, som = _compile([exprs[i] for i in ids], ids, f"{key}-{group}", cache)
                 for i, flag in zip(ids, som):
                     self._triggers[i].som = flag
-                self._dbs.append((db, hyperscan.Scratch(db)))
+                self._dbs.append(db)
+        self._local = threading.local()     # hyperscan scratch space is per thread
         self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
 
     @staticmethod
@@ -203,7 +206,10 @@ class Scanner:
         def on(i, frm, to, _flags, _ctx):
             hits.setdefault(i, []).append((frm, to))
 
-        for db, scratch in self._dbs:
+        scratches = getattr(self._local, "scratches", None)
+        if scratches is None:
+            scratches = self._local.scratches = [hyperscan.Scratch(db) for db in self._dbs]
+        for db, scratch in zip(self._dbs, scratches):
             db.scan(buf, match_event_handler=on, scratch=scratch)
         return hits
 

@@ -275,3 +275,24 @@ def test_mixed_log_with_every_fake_under_random_chunking(full):
     for _ in range(4):
         sizes = [r.choice([7, 100, 4000, 9000, 70000]) for _ in range(50)]
         assert summary(feed_chunks(full, data, sizes)[1]) == summary(ref[1]), sizes
+
+
+def test_one_scanner_serves_many_threads(full):
+    import threading
+    tokens = [fakes.gh_token() for _ in range(4)]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            data = (FILLER * 400 + b"t " + tokens[i] + b"\n") * 3
+            results[i] = feed_chunks(full, data, [5000])[1]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(results) == 4
+    assert all([f.rule_id for f in fs] == ["github-token"] * 3 for fs in results.values())
