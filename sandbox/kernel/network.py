@@ -189,8 +189,10 @@ class HostSide:
         try:
             self._nflog = NflogReader(self.cfg.nflog_group)
         except OSError as e:
-            raise UnsupportedError("NFLOG (nfnetlink_log) is not available: drops could not be "
-                                   "audited", errno=e.errno, syscall="nfnetlink_log bind") from e
+            raise UnsupportedError(f"cannot bind NFLOG group {self.cfg.nflog_group}: drops could "
+                                   "not be audited (another process, e.g. a second sandboxd in "
+                                   "this netns, holds the group, or nfnetlink_log is missing)",
+                                   errno=e.errno, syscall="nfnetlink_log bind") from e
         self.loop.add_reader(self._nflog.fileno(), self._on_nflog)
 
     def _on_nflog(self):

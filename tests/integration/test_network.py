@@ -344,7 +344,8 @@ from sandbox.kernel import network
 from sandbox.policy.schema import NetworkPolicy, Policy
 from sandbox.runtime.intent import Intent
 host, nsdir, state, sid = sys.argv[1:5]
-network.configure(host_netns=host, netns_dir=nsdir)
+# its own NFLOG group: the test process (the "restarted daemon") holds the default one
+network.configure(host_netns=host, netns_dir=nsdir, nflog_group=0x5b1)
 pol = Policy(network=NetworkPolicy(mode="egress", allow=("api.example.test", "10.250.2.2:9000"),
                                    rate=1_000_000, dns_upstream=("10.250.3.2",), dns_private=True))
 ctx = SimpleNamespace(id=sid, policy=pol, plan=SimpleNamespace(netns_fd=None), audit=NULL_SINK,
