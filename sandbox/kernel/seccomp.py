@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -263,7 +264,7 @@ def expand_groups(names) -> dict[str, str]:
         for sc in group.syscalls:
             if resolve(sc) is None:
                 raise ValueError(f"group {name} ({group.path}): unknown syscall {sc!r}")
-            if sc in FIXED_DENY and sc not in ARG_FILTERED or sc in ENOSYS_DIRECT:
+            if never_allowed(sc):
                 raise ValueError(f"group {name} ({group.path}): {sc!r} is on the fixed deny list")
             out.setdefault(sc, name)
         done.add(name)
@@ -274,6 +275,11 @@ def expand_groups(names) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- names
+
+def never_allowed(name: str) -> bool:
+    """On the fixed deny list as a whole (not just some of its arguments), or ENOSYS."""
+    return name in FIXED_DENY and name not in ARG_FILTERED or name in ENOSYS_DIRECT
+
 
 def resolve(name: str) -> int | None:
     """The x86_64 number of syscall NAME, or None when libseccomp does not know it."""
@@ -336,7 +342,7 @@ def resolve_rules(sec) -> Rules:
             if resolve(sc) is None:
                 raise ValueError(f"{field_name}: unknown syscall {sc!r}")
     for sc in sec.allow:
-        if sc in FIXED_DENY and sc not in ARG_FILTERED or sc in ENOSYS_DIRECT:
+        if never_allowed(sc):
             raise ValueError(f"allow: {sc!r} is on the fixed deny list ({FIXED_DENY.get(sc, 'ENOSYS')}) "
                              "and cannot be allowed")
     for sc in sec.deny:
@@ -599,6 +605,7 @@ def make_step(ctx):
 
 # --------------------------------------------------------------------------- doctor
 
+@functools.cache
 def _libseccomp_version() -> str:
     class _Ver(ctypes.Structure):
         _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
