@@ -27,6 +27,7 @@ from sandbox.runtime.recovery import find_leftovers  # noqa: E402
 
 POLICY = {"limits": {"memory": "256MiB", "disk": "64MiB", "pids": 64}}
 failures: list[str] = []    # destroys that reported leftovers: counted, the soak goes on
+made: set[str] = set()      # ids of the sandboxes this soak made (other daemons may run too)
 
 
 def fds_rss(pid: int) -> tuple[int, int]:
@@ -44,6 +45,7 @@ def soak_daemon(n: int, warmup: int) -> int:
         with d.admin() as c:
             def cycle():
                 sid = c.create("default", overrides=POLICY)["id"]
+                made.add(sid)
                 res = c.exec(sid, ["echo", "soak"])
                 assert res.exit_code == 0 and res.stdout == b"soak\n", res
                 try:
@@ -72,6 +74,7 @@ def soak_engine(n: int, warmup: int) -> int:
     def cycle():
         sb = Sandbox.create(policy, audit=log, state_dir=tmp / "run", cgroup_parent=parent,
                             sandbox_id=f"{prefix}{next(count)}", disk_base=tmp / "run" / "disks")
+        made.add(sb.id)
         res = asyncio.run(sb.exec(["echo", "soak"]))
         assert res.exit_code == 0 and res.stdout == b"soak\n", res
         try:
@@ -103,7 +106,9 @@ def _run(n, warmup, cycle, pid, run_dir, state_dir, prefix, cgroup_parent=None) 
           f"(fds {fds1 - fds0:+d}, rss {rss1 - rss0:+d} KiB)")
     print(f"destroys that reported leftovers: {len(failures)}"
           + "".join(f"\n  {x}" for x in failures[:5]))
-    left = find_leftovers(run_dir, id_prefix=prefix, cgroup_parent=cgroup_parent)
+    # Only what this soak made: the daemon's id prefix is shared with any other sandboxd here.
+    left = [x for x in find_leftovers(run_dir, id_prefix=prefix, cgroup_parent=cgroup_parent)
+            if any(sid in x for sid in made)]
     print(f"leaked objects: {len(left)}" + "".join(f"\n  {x}" for x in left[:50]))
     report = verify(state_dir)
     print(f"audit chain: {'intact' if report.ok else report.problem}, {report.records} records "

@@ -350,8 +350,10 @@ def find_leftovers(state_dir: Path, *, id_prefix: str, cgroup_parent: str | None
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if needle in (proc / "cgroup").read_bytes() and _proc_state(int(proc.name)) != "Z":
-                    left.append(f"process {proc.name}")
+                cg = (proc / "cgroup").read_bytes()
+                if needle in cg and _proc_state(int(proc.name)) != "Z":
+                    where = next(ln for ln in cg.decode().splitlines() if needle.decode() in ln)
+                    left.append(f"process {proc.name} in {where.split(':', 2)[2]}")
             except OSError:
                 pass
     if network_check:
