@@ -310,3 +310,20 @@ def test_stdin_bytes_kill_and_freeze_without_a_cgroup(make_sandbox, monkeypatch)
     assert sbmod._wait_pidfd(sb.pidfd, 10.0)
     with pytest.raises(SandboxError, match="killed by the operator"):
         run(sb, ["true"])
+
+
+def test_shared_is_rw_with_incoming_outgoing_and_context_is_read_only(make_sandbox, tmp_path):
+    shared, context = tmp_path / f"{tag()}-shared", tmp_path / f"{tag()}-context"
+    shared.mkdir()
+    context.mkdir()
+    os.chown(shared, 4242, 4243)
+    (context / "input.txt").write_text("given")
+    sb = make_sandbox(shared=str(shared), context=str(context))
+    res = sh(sb, "cat /home/agent/context/input.txt; echo; "
+                 "echo x > /home/agent/context/new || echo CONTEXT-RO; "
+                 "echo out > /home/agent/shared/outgoing/result && echo SHARED-RW; "
+                 "ls /home/agent/shared")
+    assert res.stdout.split() == [b"given", b"CONTEXT-RO", b"SHARED-RW", b"incoming", b"outgoing"]
+    st = (shared / "outgoing" / "result").stat()
+    assert (st.st_uid, st.st_gid) == (4242, 4243)
+    assert not (context / "new").exists()

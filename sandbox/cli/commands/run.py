@@ -66,6 +66,16 @@ def _tty_stdin():
     return chunks()
 
 
+def _exit_on_signals():
+    """SIGTERM/SIGHUP end the run like Ctrl-C: through the finally that destroys the sandbox."""
+    import signal
+
+    def stop(sig, _frame):
+        raise SystemExit(128 + sig)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
 def _write(stream: str, data: bytes):
     out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     out.write(data)
@@ -85,6 +95,7 @@ def run(args):
     from sandbox.runtime.sandbox import Sandbox
     policy = load_policy(args.policy)
     env = _parse_env(args.env)
+    _exit_on_signals()
     sb = Sandbox.create(policy, workspace=args.workspace, context=args.context,
                         keep_workspace=args.keep_workspace or None, state_dir=Path(args.state_dir))
     try:
