@@ -225,13 +225,15 @@ def recover_sandbox(intent: Intent, audit=NULL_SINK) -> SandboxRecovery:
 
 
 def recover(state_dir: Path, audit=NULL_SINK, *, escalations=None, id_prefix: str = "",
-            cgroup_parent: str | None = None, network_sweep: bool = False) -> RecoveryReport:
+            cgroup_parent: str | None = None, network_sweep: bool = False,
+            disk_base: Path | None = None) -> RecoveryReport:
     """Clean up after a crashed daemon. Idempotent. See the module docstring.
 
     `escalations`: an Escalations (sandbox/audit/escalation.py); a sandbox whose teardown
     left something raises a critical "teardown_failed" escalation there.
-    `id_prefix`: the prefix of this daemon's sandbox ids; cgroups named with it that no intent
-    names are swept (empty: no cgroup sweep). `network_sweep`: also run the network module's
+    `id_prefix`: the prefix of this daemon's sandbox ids; cgroups and disks (images in
+    `disk_base`, default the disk module's) named with it that no intent names are swept
+    (empty: no cgroup or disk sweep). `network_sweep`: also run the network module's
     sweep of our netns/veth/nft names in its configured host netns."""
     state_dir = Path(state_dir)
     report = RecoveryReport()
@@ -256,6 +258,8 @@ def recover(state_dir: Path, audit=NULL_SINK, *, escalations=None, id_prefix: st
         if rep.failed and escalations is not None:
             escalations.observe_teardown_failure(rep.sandbox, rep.failed)
     _sweep(state_dir, audit, report, live, id_prefix, cgroup_parent)
+    if id_prefix:
+        _sweep_disks(Path(disk_base) if disk_base else None, report, live, id_prefix)
     if network_sweep:
         from sandbox.kernel import network
         try:
@@ -296,6 +300,34 @@ def _sweep(state_dir: Path, audit, report: RecoveryReport, live: set, id_prefix:
             report.orphans.append(f"cgroup({cg})")
         except Exception as e:  # noqa: BLE001
             report.leftovers.append(f"cgroup({cg}): {e}")
+
+
+def _loop_of(image: Path) -> str:
+    """The loop device attached to `image` ("" if none): /sys/block/loopN/loop/backing_file."""
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            if backing.read_text().strip() == str(image):
+                return f"/dev/{backing.parent.parent.name}"
+        except OSError:
+            continue
+    return ""
+
+
+def _sweep_disks(disk_base: Path | None, report: RecoveryReport, live: set, id_prefix: str) -> None:
+    """Disk images named `<id_prefix>...` that no live intent owns (e.g. a destroy that could
+    not detach the loop device in time, after which its intent was already gone)."""
+    from sandbox.kernel import disk
+    base = disk_base or disk.DEFAULT_BASE
+    for img in sorted((base / "images").glob(f"{id_prefix}*.img")):
+        sid = img.name[:-len(".img")]
+        if sid in live:
+            continue
+        try:
+            disk.cleanup({"image": str(img), "mountpoint": str(base / "mnt" / sid),
+                          "loopdev": _loop_of(img)})
+            report.orphans.append(f"disk({img})")
+        except Exception as e:  # noqa: BLE001
+            report.leftovers.append(f"disk({img}): {e}")
 
 
 def _prefixed_cgroups(parent: str, id_prefix: str) -> list[Path]:

@@ -129,3 +129,20 @@ def test_crash_mid_destroy_leaves_nothing(crash, tmp_path):
     cfg = crash("destroy", count=2, pause_step=2)
     report, kinds, _, _ = _check_recovered(cfg, tmp_path / "audit-state")
     assert len(report.sandboxes) == 2
+
+
+def test_orphan_disk_no_intent_names_is_swept(tmp_path):
+    """A disk whose intent is gone (destroy failed after the record was closed) is found by
+    its name prefix and removed: unmounted, loop device detached, image deleted."""
+    from sandbox.kernel import disk
+    prefix = f"sbxt-{PID}-od"
+    d = disk.create(f"{prefix}1", 16 * 1024**2, base=tmp_path / "disks")
+    try:
+        assert find_leftovers(tmp_path / "run", id_prefix=prefix, disk_base=tmp_path / "disks")
+        report = recover(tmp_path / "run", id_prefix=prefix, cgroup_parent=f"sbxt-{PID}-none",
+                         disk_base=tmp_path / "disks")
+        assert report.ok and report.orphans == [f"disk({d.image})"]
+        assert find_leftovers(tmp_path / "run", id_prefix=prefix, disk_base=tmp_path / "disks") == []
+    finally:
+        if d.image.exists():
+            d.remove()
