@@ -276,6 +276,13 @@ void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd, int last_
     struct sbx_error e;
     struct sbx_msg m;
     memset(&e, 0, sizeof e);
+    /* the caller's handlers (Python's C signal handler writes to its wakeup fd) must never
+     * run here: default dispositions, nothing blocked but what init blocks itself */
+    for (int sig = 1; sig < NSIG; sig++)
+        signal(sig, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     /* fds above the caller's stdio, so reset_fds can keep them (fcntl: lowest free >= 3) */
     sync_fd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 3);
     ctl_fd = fcntl(ctl_fd, F_DUPFD_CLOEXEC, 3);
