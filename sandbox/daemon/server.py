@@ -577,6 +577,7 @@ class Daemon:
             await out.send({"event": "error", "error": "InternalError",
                             "message": f"internal error: {type(e).__name__}"})
             return
+        self._note_death(rec)
         if res.reason in _LIMIT_REASONS:
             await out.send({"event": "limit", "limit": res.reason, "text": res.reason_text})
         await out.send({"event": "exit", "exit_code": res.exit_code, "signal": res.signal,
@@ -584,14 +585,24 @@ class Daemon:
                         "usage": json.loads(json.dumps(res.usage, default=str)),
                         "duration": res.duration})
 
+    def _note_death(self, rec: SandboxRecord):
+        """A command timeout (or the lifetime) kills the whole sandbox: say so in its state."""
+        try:
+            info = rec.handle.info() if rec.handle is not None else {}
+        except Exception:  # noqa: BLE001 - a sandbox being destroyed
+            return
+        if info.get("state") == "dead" and rec.state == "running":
+            rec.state = "dead"
+            rec.held_reason = info.get("reason")
+
     # -- files ----------------------------------------------------------------------------
-    def _file_rec(self, request) -> tuple[Principal, SandboxRecord, str]:
+    def _file_rec(self, request, states=("running", "frozen")) -> tuple[Principal, SandboxRecord, str]:
         p = self._need_sandbox_rights(request)
         rec = self._lookup(request, p)
         unknown = set(request.query) - {"path", "mode"}
         if unknown:
             raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
-        if rec.state not in ("running", "frozen"):
+        if rec.state not in states:
             raise StateError(f"sandbox {rec.id} is {rec.state}")
         return p, rec, request.query.get("path", "")
 
@@ -608,7 +619,8 @@ class Daemon:
         return web.json_response({"path": path, "size": n}, status=201)
 
     async def get_file(self, request):
-        p, rec, path = self._file_rec(request)
+        # Artifacts of a sandbox a timeout killed can still be read out (scanned as ever).
+        p, rec, path = self._file_rec(request, ("running", "frozen", "dead"))
         if not path or path in (".", "/"):
             return web.json_response({"path": "", "entries": await call_blocking(
                 files.list_dir, rec.handle.workspace, "")})

@@ -1,7 +1,8 @@
 """The daemon's registry of live sandboxes: who owns each, what state it is in.
 
 States: creating → running ⇄ frozen; running/frozen → held (a `block` finding withheld
-output; only an operator resumes it) → running; any → destroying → gone (removed).
+output; only an operator resumes it) → running; running → dead (a command's timeout or the
+sandbox's lifetime killed it: only destroy is left); any → destroying → gone (removed).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-STATES = ("creating", "running", "frozen", "held", "destroying")
+STATES = ("creating", "running", "frozen", "held", "dead", "destroying")
 
 
 def new_sandbox_id() -> str:

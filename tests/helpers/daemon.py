@@ -26,7 +26,11 @@ class DaemonProc:
         self.state = self.tmp / "state"
         self.run = self.tmp / "run"
         self.log = self.tmp / "daemon.log"
-        self.args = [sys.executable, "-m", "sandbox.daemon.main", "--foreground",
+        # The daemon runs in a network namespace of its own (unshare --net), made for this
+        # test and gone with it: whatever a request asks for, the host's network is never
+        # touched (NETWORK SAFETY in the brief). The Unix socket is a file: reachable anyway.
+        self.args = ["unshare", "--net", "--", sys.executable, "-m", "sandbox.daemon.main",
+                     "--foreground",
                      "--socket", self.socket, "--state-dir", str(self.state),
                      "--run-dir", str(self.run), "--client-group", client_group,
                      "--admin-group", admin_group, *extra_args]

@@ -43,6 +43,15 @@ def _grant(admin, **kw):
 SMALL = {"limits": {"memory": "512MiB"}}
 
 
+def _wait_until(cond, seconds: float = 60.0) -> bool:
+    """Poll cond() until true or `seconds` pass (bounded; destroys run in the background)."""
+    for _ in range(int(seconds / 0.05)):
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
 def _init_pid(admin, sid) -> int:
     return admin.inspect(sid)["info"]["init_pid"]
 
@@ -86,6 +95,11 @@ def test_failed_command_and_limit_events(daemon, admin):
         assert (res.exit_code, res.stdout, res.stderr) == (3, b"out\n", b"err\n")
         res = c.exec(sid, ["sleep", "30"], timeout=0.5)
         assert res.reason == "timeout" and res.limits and res.limits[0]["limit"] == "timeout"
+        # A command timeout kills the whole sandbox (through its cgroup): only destroy is left.
+        assert c.inspect(sid)["state"] == "dead"
+        with pytest.raises(DaemonError) as e:
+            c.exec(sid, ["true"])
+        assert e.value.status == 409
         c.destroy(sid)
 
 
@@ -150,11 +164,7 @@ def test_revocation_kills_only_that_tokens_sandboxes(daemon, admin):
             ca.list()
         assert e.value.status == 401 and a not in str(e.value)
         assert cb.exec(sb, ["echo", "still here"]).stdout == b"still here\n"
-        for _ in range(200):
-            if {s["id"] for s in admin.list()} == {sb}:
-                break
-            time.sleep(0.05)
-        assert {s["id"] for s in admin.list()} == {sb}
+        assert _wait_until(lambda: {s["id"] for s in admin.list()} == {sb})
         cb.destroy(sb)
 
 
@@ -165,10 +175,7 @@ def test_expiry_kills_only_that_tokens_sandboxes(daemon, admin):
         sa = ca.create(overrides=SMALL)["id"]
         sb = cb.create(overrides=SMALL)["id"]
         pid_a, pid_b = _init_pid(admin, sa), _init_pid(admin, sb)
-        for _ in range(200):
-            if sa not in {s["id"] for s in admin.list()}:
-                break
-            time.sleep(0.05)
+        assert _wait_until(lambda: sa not in {s["id"] for s in admin.list()})
         assert not alive(pid_a) and alive(pid_b)
         with pytest.raises(DaemonError) as e:
             ca.create(overrides=SMALL)
@@ -330,7 +337,7 @@ def test_cli_flow_with_a_token_file(daemon, admin, tmp_path):
     ps = _ctl(daemon, "ps", *common)
     assert sid in ps.stdout and value.split("_")[1] in ps.stdout and value not in ps.stdout
     top = _ctl(daemon, "top", *common, "--iterations", "2", "--interval", "0.1")
-    assert top.returncode == 0 and top.stdout.count(sid) == 2
+    assert top.returncode == 0 and top.stdout.count(sid) == 2, top.stdout + top.stderr
     assert _ctl(daemon, "destroy", *common, sid).returncode == 0
     gone = _ctl(daemon, "inspect", *common, sid)
     assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1
@@ -342,4 +349,4 @@ def test_run_goes_through_the_daemon(daemon, admin):
                env={"SANDBOXD_SOCKET": daemon.socket})
     assert out.returncode == 7 and out.stdout == "via daemon\n", out.stderr
     assert len(admin.audit(action="daemon_create", limit=10000)) == before + 1
-    assert admin.list() == []
+    assert _wait_until(lambda: admin.list() == [])
