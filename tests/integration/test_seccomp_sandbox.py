@@ -65,14 +65,14 @@ def state_dir():
         shutil.rmtree(d, ignore_errors=True)
 
 
-# A small disk: the disk step refuses to promise more host disk than exists, and the
-# sandboxes of concurrent test runs share this host.
-SMALL_DISK = {"limits": {"disk": "64MiB"}}
+# No disk limit (/tmp is a tmpfs): these tests are about syscalls, and concurrent test runs
+# on this host then share no loop devices with them.
+NO_DISK = {"limits": {"disk": 0}}
 
 
 def _make_box(progs, state_dir, name, overrides=None):
     sink = MemorySink()
-    policy = load_policy("default", merge_overrides(SMALL_DISK, overrides or {}))
+    policy = load_policy("default", merge_overrides(NO_DISK, overrides or {}))
     sb = Sandbox.create(policy, context=progs, audit=sink, state_dir=state_dir,
                         sandbox_id=f"sbxt-{os.getpid()}-{name}")
     return Box(sb, sink)
