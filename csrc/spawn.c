@@ -244,15 +244,15 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
     close(ctl[1]);
     sync[1] = ctl[1] = -1;
 
-    if (sbx_recv_msg(sync[0], &m) < 0 || m.kind != MSG_CHILD_READY) {
-        if (sbx_recv_msg(sync[0], &m) == 0 && m.kind == MSG_ERROR)
-            *e = m.e;
-        else
-            sbx_fail(e, "clone", "recv", "child did not report ready");
-        goto fail_child;
-    }
+    /* The child exists once clone3 returns: limit and map it right away (it waits for
+     * MSG_MAPS_WRITTEN before doing anything), then collect its READY; one round trip
+     * less on the hot path. */
     if (join_v1_cgroups(p, (int)pid, e) < 0 || write_maps(p, (int)pid, e) < 0)
         goto fail_child;
+    if (sbx_recv_msg(sync[0], &m) < 0 || m.kind != MSG_CHILD_READY) {
+        sbx_fail(e, "clone", "recv", "child did not report ready");
+        goto fail_child;
+    }
     if (sbx_send_msg(sync[0], MSG_MAPS_WRITTEN, NULL) < 0) {
         sbx_fail(e, "clone", "send", "maps written");
         goto fail_child;
