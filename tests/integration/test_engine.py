@@ -327,3 +327,18 @@ def test_shared_is_rw_with_incoming_outgoing_and_context_is_read_only(make_sandb
     st = (shared / "outgoing" / "result").stat()
     assert (st.st_uid, st.st_gid) == (4242, 4243)
     assert not (context / "new").exists()
+
+
+def test_keep_workspace_survives_destroy(state_dir):
+    import shutil
+    sb = sbmod.Sandbox.create(engine_policy(), state_dir=state_dir, keep_workspace=True)
+    try:
+        assert sh(sb, "echo kept > result").exit_code == 0
+        ws = Path(sb.ctx.workspace_host)
+    finally:
+        sb.destroy()
+    try:
+        assert (ws / "result").read_text() == "kept\n"
+        assert not sb.ctx.dir.exists()  # everything else is gone
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
