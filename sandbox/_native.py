@@ -107,7 +107,3 @@ def open_tree(path: str) -> int:
     """A detached recursive copy of a host directory (open_tree(OPEN_TREE_CLONE)), for the
     child to attach: it cannot walk host paths under root-only directories."""
     return idmapped_tree(path, -1, True)
-
-
-def cap_last_cap() -> int:
-    return lib.sbx_cap_last_cap()
