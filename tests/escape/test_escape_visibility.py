@@ -103,3 +103,28 @@ def test_cannot_change_host_hostname(make_sandbox):
     assert res.stdout.decode().split("\n")[0] == "sandbox"
     assert b"rc=0" not in res.stdout  # no CAP_SYS_ADMIN: sethostname fails inside
     assert socket.gethostname() == before
+
+
+def test_dev_is_minimal_and_sys_is_absent(make_sandbox):
+    sb = make_sandbox()
+    res = sh(sb, "ls -A /dev; echo --; ls /sys 2>&1; ls /dev/pts")
+    dev, _, rest = res.stdout.decode().partition("--\n")
+    assert sorted(dev.split()) == sorted(["fd", "full", "null", "ptmx", "pts", "random", "shm",
+                                          "stderr", "stdin", "stdout", "tty", "urandom", "zero"])
+    assert "No such file" in rest
+    assert rest.split()[-1] == "ptmx"  # a fresh devpts: the host's terminals are not there
+
+
+def test_sensitive_proc_entries_are_masked(make_sandbox):
+    # each one, where this kernel has it, is /dev/null (a character device) or an empty dir
+    sb = make_sandbox()
+    res = sh(sb, "for f in timer_list kcore keys key-users sysrq-trigger sched_debug; do "
+                 "[ -e /proc/$f ] && { [ -c /proc/$f ] && echo $f masked || echo $f OPEN; }; done; "
+                 "for d in acpi scsi; do [ -d /proc/$d ] && echo $d $(ls -A /proc/$d | wc -l); done; "
+                 "echo b > /proc/sysrq-trigger || echo SYSRQ-DENIED")
+    out = res.stdout.decode()
+    assert "OPEN" not in out, out
+    assert "timer_list masked" in out and "keys masked" in out  # (no sysrq-trigger on this kernel)
+    assert ("sysrq-trigger masked" in out) == os.path.exists("/proc/sysrq-trigger")
+    assert " 0\n" in out or "acpi" not in out  # an empty dir over /proc/acpi
+    assert "SYSRQ-DENIED" in out
