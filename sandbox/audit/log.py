@@ -278,6 +278,12 @@ class AuditLog:
 
     def _open_newest(self) -> None:
         files = audit_files(self.dir)
+        while files and files[-1].stat().st_size == 0:
+            # A crash between creating a file and writing its header leaves it empty: it holds
+            # nothing, so it goes (no record is lost or rewritten) and the previous file
+            # continues; the next rotation makes it again, with its header.
+            files.pop().unlink()
+            fsync_dir(self.dir)
         self._seq, self._prev, self._index = 0, GENESIS, 0
         if not files:
             self._commit(self._start_file(None))

@@ -122,6 +122,16 @@ def test_torn_tail_is_kept_and_acknowledged_on_open(tmp_path):
     assert recovery[0]["details"]["file"] == first.name
 
 
+def test_crash_right_after_creating_a_file_is_harmless(tmp_path):
+    with AuditLog(tmp_path, mirror=None) as log:
+        log.record("exec")
+    (tmp_path / "audit" / "audit-000002.jsonl").touch()     # created, header never written
+    with AuditLog(tmp_path, mirror=None, max_bytes=10) as log:
+        rec = log.record("exec")                             # rotates into file 2 again
+    assert rec["seq"] == 4 and verify(tmp_path).ok
+    assert len(audit_files(tmp_path / "audit")) == 2
+
+
 def _records_tolerant(state_dir):
     out = []
     for f in audit_files(state_dir / "audit"):
