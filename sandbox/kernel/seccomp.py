@@ -127,6 +127,9 @@ FIXED_DENY: dict[str, str] = {
                    "(ADDR_NO_RANDOMIZE turns ASLR off, READ_IMPLIES_EXEC makes data executable)",
     "mknod": "character and block devices",
     "mknodat": "character and block devices",
+    "seccomp": "with SECCOMP_FILTER_FLAG_NEW_LISTENER: of stacked USER_NOTIF filters the newest "
+               "wins, so the agent's own listener could answer our deny list with "
+               "SECCOMP_USER_NOTIF_FLAG_CONTINUE (include/uapi/linux/seccomp.h)",
 }
 
 # Refused with ENOSYS, never reported: glibc (>= 2.34) tries clone3 in every
@@ -137,7 +140,8 @@ FIXED_DENY: dict[str, str] = {
 ENOSYS_DIRECT = ("clone3",)
 
 # Syscalls with argument rules; being in a group allows their harmless uses only.
-ARG_FILTERED = ("clone", "socket", "socketpair", "ioctl", "personality", "mknod", "mknodat")
+ARG_FILTERED = ("clone", "socket", "socketpair", "ioctl", "personality", "mknod", "mknodat",
+                "seccomp")
 
 # The C child calls these after the filter is installed (send the listener fd, close it,
 # report a failure, execve): a policy that denies them could never start a command.
@@ -175,6 +179,7 @@ S_IFMT, S_IFSOCK, S_IFREG, S_IFBLK, S_IFCHR, S_IFIFO = 0o170000, 0o140000, 0o100
 MKNOD_OK = (0, S_IFREG, S_IFIFO, S_IFSOCK)
 
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C     # include/uapi/asm-generic/ioctls.h
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3  # include/uapi/linux/seccomp.h
 PERSONALITY_OK = (0x0000, 0x0008, 0xFFFFFFFF)  # PER_LINUX, PER_LINUX32, query
 
 # Arguments worth recording when a deny-listed syscall is attempted: (label, index).
@@ -192,7 +197,7 @@ REPORT_ARGS: dict[str, tuple[tuple[str, int], ...]] = {
     "io_uring_setup": (("entries", 0),), "fanotify_init": (("flags", 0),),
     "kexec_load": (("flags", 3),), "kexec_file_load": (("flags", 4),),
     "userfaultfd": (("flags", 0),), "clock_settime": (("clock", 0),),
-    "syslog": (("type", 0),), "open_tree": (("flags", 2),),
+    "syslog": (("type", 0),), "open_tree": (("flags", 2),), "seccomp": (("op", 0), ("flags", 1)),
 }
 
 
@@ -416,7 +421,7 @@ def _libseccomp_program(rules: Rules) -> bytes:
         # Binary tree of syscall numbers instead of a linear chain (libseccomp >= 2.5).
         f.set_attr(_scmp.Attr.CTL_OPTIMIZE, 2)
         for sc in rules.allow:
-            if sc not in ("clone", "socket", "socketpair", "mknod", "mknodat"):
+            if sc not in ("clone", "socket", "socketpair", "mknod", "mknodat", "seccomp"):
                 # ioctl and personality: allowed here; their arguments are checked by the
                 # guard prologue (_guard_prologue) before this program runs.
                 f.add_rule(_scmp.ALLOW, resolve(sc))
@@ -427,6 +432,7 @@ def _libseccomp_program(rules: Rules) -> bytes:
         _clone_rules(f, rules, deny)
         _socket_rules(f, rules, deny)
         _mknod_rules(f, rules, deny)
+        _seccomp_rules(f, rules, deny)
         return _export(f)
     except OSError as e:
         raise SeccompError("libseccomp could not build the filter", errno=e.errno,
@@ -496,6 +502,18 @@ def _mknod_rules(f, rules: Rules, deny: int) -> None:
                 f.add_rule(_scmp.ALLOW, nr, _scmp.Arg(mode_arg, _scmp.MASKED_EQ, S_IFMT, fmt))
         for fmt in (S_IFCHR, S_IFBLK):
             _deny(f, deny, nr, _scmp.Arg(mode_arg, _scmp.MASKED_EQ, S_IFMT, fmt))
+
+
+def _seccomp_rules(f, rules: Rules, deny: int) -> None:
+    """A program may add filters of its own (they can only take rights away), but never
+    with its own listener: the kernel hands a syscall that several filters send to
+    USER_NOTIF to the newest one, whose listener could answer "continue"."""
+    if "seccomp" in rules.deny:
+        return
+    nr, flag = resolve("seccomp"), SECCOMP_FILTER_FLAG_NEW_LISTENER
+    if _allowed(rules, "seccomp"):
+        f.add_rule(_scmp.ALLOW, nr, _scmp.Arg(1, _scmp.MASKED_EQ, flag, 0))
+    _deny(f, deny, nr, _scmp.Arg(1, _scmp.MASKED_EQ, flag, flag))
 
 
 def _export(f) -> bytes:

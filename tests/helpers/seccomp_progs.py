@@ -97,6 +97,10 @@ DENIED_USES = [
     ("personality-highbits", "personality", [0x100000000], ("persona", 0x100000000)),
     ("mknod-chr", "mknod", [0, 0o020600, 0x103], ("mode", 0o020600)),
     ("mknodat-blk", "mknodat", [AT_FDCWD, 0, 0o060600, 0x800], ("mode", 0o060600)),
+    # SECCOMP_SET_MODE_FILTER with NEW_LISTENER: the agent's own listener would take
+    # precedence over ours and could answer "continue" to unshare, mount, ...
+    ("seccomp-new-listener", "seccomp", [1, 8, 0], ("flags", 8)),
+    ("seccomp-new-listener-tsync", "seccomp", [1, 8 | 1, 0], ("flags", 9)),
 ]
 
 
@@ -109,6 +113,8 @@ ALLOWED_USES = [
     ("socketpair-unix", "socketpair", [1, 1, 0, 0], lambda r, e: e == errno.EFAULT),
     ("ioctl-tcgets", "ioctl", [0, 0x5401, 0], lambda r, e: e != errno.EPERM),
     ("mknod-fifo-null-path", "mknod", [0, 0o010600, 0], lambda r, e: e == errno.EFAULT),
+    # a filter of its own without a listener is fine (NULL program: EFAULT, not EPERM)
+    ("seccomp-filter-no-listener", "seccomp", [1, 0, 0], lambda r, e: e == errno.EFAULT),
     # glibc's getaddrinfo probes NETLINK_ROUTE and carries on: refused quietly.
     ("socket-netlink-route", "socket", [16, 3, 0], lambda r, e: e == errno.EAFNOSUPPORT),
     # glibc falls back from clone3 to clone on ENOSYS; not a violation.
@@ -152,6 +158,56 @@ int main(int argc, char **argv) {
     if (ret > 0 && nr == SYS_clone && !i386) waitpid((pid_t)ret, NULL, __WALL);
     printf("%ld %d\n", ret, err);
     fflush(stdout);
+    return 0;
+}
+"""
+
+# The stacking attack (include/uapi/linux/seccomp.h): install a filter of one's own that
+# sends unshare to USER_NOTIF with a listener, answer "continue" from a forked helper, and
+# call unshare(CLONE_NEWUSER). Prints "install RET ERRNO" and, if that worked, "unshare RET ERRNO".
+STACK_LISTENER_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+int main(void) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_unshare, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = { 4, f };
+    long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+    printf("install %ld %d\n", fd < 0 ? -1L : 0L, fd < 0 ? errno : 0);
+    fflush(stdout);
+    if (fd < 0) return 0;
+    pid_t helper = fork();
+    if (helper == 0) {                       /* the agent's own "supervisor" */
+        struct seccomp_notif req;
+        struct seccomp_notif_resp resp;
+        memset(&req, 0, sizeof req);
+        if (ioctl((int)fd, SECCOMP_IOCTL_NOTIF_RECV, &req) == 0) {
+            memset(&resp, 0, sizeof resp);
+            resp.id = req.id;
+            resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+            ioctl((int)fd, SECCOMP_IOCTL_NOTIF_SEND, &resp);
+        }
+        _exit(0);
+    }
+    close((int)fd);
+    long r = syscall(SYS_unshare, CLONE_NEWUSER);
+    printf("unshare %ld %d\n", r, r < 0 ? errno : 0);
+    waitpid(helper, NULL, 0);
     return 0;
 }
 """
@@ -213,6 +269,7 @@ int main(int argc, char **argv) {
 
 
 def build(dest: Path) -> dict[str, Path]:
-    """Compile the helper programs into DEST; returns {"syscall": path, "exec": path}."""
+    """Compile the helper programs into DEST; returns {"syscall": path, "exec": path, ...}."""
     from tests.helpers.engine import compile_c
-    return {name: compile_c(src, dest / f"sbx-{name}") for name, src in (("syscall", SYSCALL_C), ("exec", EXEC_C))}
+    return {name: compile_c(src, dest / f"sbx-{name}")
+            for name, src in (("syscall", SYSCALL_C), ("exec", EXEC_C), ("stack", STACK_LISTENER_C))}

@@ -214,3 +214,25 @@ def test_without_notification_the_deny_list_is_refused_silently(progs, state_dir
             assert recs == []
     finally:
         assert b.sb.destroy()["leftovers"] == []
+
+
+def test_own_listener_cannot_replace_a_dead_supervisor(box):
+    """The stacking attack: with our listener gone, a program installs a USER_NOTIF filter of
+    its own with a listener (the newest USER_NOTIF filter wins), answers "continue" to its
+    own unshare(CLONE_NEWUSER) and would get a user namespace. seccomp with NEW_LISTENER is
+    on the fixed deny list, so the install fails (ENOSYS: nobody answers our notification)."""
+    real = box.sb.ctx.seccomp_listener
+    gate_r, gate_w = os.pipe()
+
+    def dead_supervisor(fd, pid):
+        os.close(fd)       # our listener is gone...
+        os.close(gate_w)   # ...and only then may the attacker start (its stdin hits EOF)
+
+    box.sb.ctx.seccomp_listener = dead_supervisor
+    try:
+        res = box.run(["/bin/sh", "-c", f"read gate; {CONTEXT}/sbx-stack"], stdin=gate_r)
+    finally:
+        box.sb.ctx.seccomp_listener = real
+        os.close(gate_r)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.decode().split() == ["install", "-1", str(errno.ENOSYS)]
