@@ -14,12 +14,19 @@ from __future__ import annotations
 import os
 
 from sandbox import _native
+from sandbox.errors import PolicyError
 
 
 def idmapped_dir(path: str, *, host_uid: int, host_gid: int, recursive: bool = True) -> int:
     """A detached mount fd of `path` on which its owner (uid and gid) appears as
     host_uid/host_gid. The caller owns the fd (close it after spawn)."""
     st = os.stat(path)
+    if st.st_uid == 0 or st.st_gid == 0:
+        # The agent would own it as host root: a file it makes setuid (chmod u+s by the
+        # owner needs no capability) would be a setuid-root program on the host.
+        raise PolicyError(f"{path} is owned by root (uid {st.st_uid}, gid {st.st_gid}): what "
+                          "the agent makes there would be root's on the host; give a directory "
+                          "owned by an unprivileged user")
     userns = _native.make_userns(f"{st.st_uid} {host_uid} 1\n", f"{st.st_gid} {host_gid} 1\n")
     try:
         return _native.idmapped_tree(path, userns, recursive)
@@ -32,6 +39,7 @@ def probe() -> list[tuple[str, bool, str]]:
     import tempfile
     d = tempfile.mkdtemp(prefix="sbx-probe-")
     try:
+        os.chown(d, 65534, 65534)
         fd = idmapped_dir(d, host_uid=(1 << 20) + 1000, host_gid=(1 << 20) + 1000)
         os.close(fd)
         return [("idmapped mounts", True, "open_tree + mount_setattr(MOUNT_ATTR_IDMAP)")]

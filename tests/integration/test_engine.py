@@ -342,3 +342,13 @@ def test_keep_workspace_survives_destroy(state_dir):
         assert not sb.ctx.dir.exists()  # everything else is gone
     finally:
         shutil.rmtree(ws, ignore_errors=True)
+
+
+def test_a_root_owned_host_workspace_is_refused(make_sandbox, tmp_path, state_dir):
+    # the agent could chmod u+s a file there: a setuid-root program on the host
+    ws = tmp_path / f"{tag()}-rootws"
+    ws.mkdir()
+    pol = engine_policy({"limits": {"host_workspace": "unbounded"}})
+    with pytest.raises(PolicyError, match="owned by root"):
+        make_sandbox(pol, workspace=str(ws))
+    assert not list((state_dir / "sandboxes").iterdir())  # nothing left of the attempt
