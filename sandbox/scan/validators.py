@@ -80,7 +80,7 @@ def card_number(value: bytes, match: bytes) -> bool:
     if len(seps) > 1:
         return False
     if seps:
-        groups = [len(g) for g in re.split(rb"[ -]", value)]
+        groups = [len(g) for g in _CARD_SEP.split(value)]
         if groups not in ([4, 4, 4, 4], [4, 6, 5], [4, 6, 4], [4, 4, 4, 4, 3], [4, 4, 4, 1]):
             return False
     if len(set(digits)) < 4:
@@ -155,7 +155,7 @@ def mixed_charset(value: bytes, match: bytes) -> bool:
 def aws_secret_context(value: bytes, match: bytes) -> bool:
     """A 40-char AWS secret key is only accepted next to AWS wording (the pattern requires
     it) and when it is not hex or pure base64 of a digest (all upper/lower/digit mixed)."""
-    if re.fullmatch(rb"[0-9a-f]{40}", value) or re.fullmatch(rb"[0-9A-F]{40}", value):
+    if _HEX40.fullmatch(value):
         return False
     return all(_classes(value))
 
@@ -168,35 +168,46 @@ def azure_key(value: bytes, match: bytes) -> bool:
         return False
 
 
+# Validator regexes, compiled once (re's own cache costs a lookup per call, and validators
+# run for every trigger hit that the confirming regex accepts).
+_HEX40 = re.compile(rb"[0-9a-f]{40}|[0-9A-F]{40}")
+_NOBODY_DOMAIN = re.compile(rb"(?:^|\.)(?:example\.(?:com|org|net)|example|test|invalid|localhost|local|"
+                            rb"localdomain|users\.noreply\.github\.com)$")
+_NOBODY_LOCAL = re.compile(rb"no-?reply|do-?not-?reply|^git$|^root$|^nobody$")
+_FILE_TLDS = frozenset((b"png", b"jpg", b"gif", b"svg", b"js", b"ts", b"py", b"css", b"map", b"json",
+                        b"lock", b"txt", b"md", b"so", b"o", b"a", b"h", b"c", b"tar", b"gz", b"whl"))
+_TEMPLATE_PASSWORD = re.compile(rb"\$\{?[A-Za-z_]+\}?|%\(?[a-z_]+\)?s?|\*+|x+|pass(word)?|secret|"
+                                rb"\{\{?[^}]*\}\}?|<[^>]*>|:?[a-z_]+", re.I)
+_CODE_VALUE = re.compile(rb"[$%{<(\[]|\w+\(|(?:true|false|null|none|nil|undefined|required|optional)$", re.I)
+_WORD_VALUE = re.compile(rb"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)+|/[\w./-]+|[A-Za-z_]+|[0-9.]+")
+_CARD_SEP = re.compile(rb"[ -]")
+
+
 def email_domain(value: bytes, match: bytes) -> bool:
     """Drop addresses no person reads: example/test/invalid domains, noreply, package
     author placeholders, and things that look like versions or file names."""
     local, _, domain = value.rpartition(b"@")
     domain = domain.lower()
-    if re.search(rb"(?:^|\.)(?:example\.(?:com|org|net)|example|test|invalid|localhost|local|"
-                 rb"localdomain|users\.noreply\.github\.com)$", domain):
+    if _NOBODY_DOMAIN.search(domain):
         return False
-    if re.search(rb"no-?reply|do-?not-?reply|^git$|^root$|^nobody$", local.lower()):
+    if _NOBODY_LOCAL.search(local.lower()):
         return False
     tld = domain.rsplit(b".", 1)[-1]
-    if tld in (b"png", b"jpg", b"gif", b"svg", b"js", b"ts", b"py", b"css", b"map", b"json",
-               b"lock", b"txt", b"md", b"so", b"o", b"a", b"h", b"c", b"tar", b"gz", b"whl"):
+    if tld in _FILE_TLDS:
         return False
     return not local[:1].isdigit() or not domain[:1].isdigit()
 
 
 def url_password(value: bytes, match: bytes) -> bool:
     """The password part of scheme://user:pass@host is not a template or variable."""
-    return not re.fullmatch(rb"\$\{?[A-Za-z_]+\}?|%\(?[a-z_]+\)?s?|\*+|x+|pass(word)?|secret|"
-                            rb"\{\{?[^}]*\}\}?|<[^>]*>|:?[a-z_]+", value, re.I)
+    return not _TEMPLATE_PASSWORD.fullmatch(value)
 
 
 def assignment_value(value: bytes, match: bytes) -> bool:
     """Generic password=/secret: values: not code, not a reference, not a path or a word."""
-    if re.match(rb"[$%{<(\[]|\w+\(|(?:true|false|null|none|nil|undefined|required|optional)$",
-                value, re.I):
+    if _CODE_VALUE.match(value):
         return False
-    if re.fullmatch(rb"[A-Za-z_$][\w$]*(?:\.[A-Za-z_$][\w$]*)+|/[\w./-]+|[A-Za-z_]+|[0-9.]+", value):
+    if _WORD_VALUE.fullmatch(value):
         return False
     return mixed_charset(value, match)
 
