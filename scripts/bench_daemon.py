@@ -188,26 +188,39 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_daemon: needs root", file=sys.stderr)
         return 2
-    rows = bench_bwrap(args.n, args.clients)
+    rows: list[dict] = []
+
+    def show(new_rows):
+        """Print rows as they are measured (a long run keeps what it got)."""
+        rows.extend(new_rows)
+        if not args.json:
+            for r in new_rows:
+                print(f"{r['name']:<58} {r['n']:>5} {r['median_ms']:>10} {r['p95_ms']:>8} "
+                      f"{r['per_s']:>7}", flush=True)
+    if not args.json:
+        print(f"{'what':<58} {'n':>5} {'median ms':>10} {'p95 ms':>8} {'per s':>7}", flush=True)
+    show(bench_bwrap(args.n, args.clients))
     with tempfile.TemporaryDirectory(prefix=f"sbxt-{os.getpid()}-bench-") as tmp:
-        rows += bench_engine(args.n, Path(tmp), OVERRIDES, "")
-        rows += bench_engine(args.n, Path(tmp), NO_DISK, " (no disk image)")
-    with DaemonProc() as d:
-        api_rows = bench_roundtrip(10 * args.n, args.clients, d.socket)
+        show(bench_engine(args.n, Path(tmp), OVERRIDES, ""))
+        show(bench_engine(args.n, Path(tmp), NO_DISK, " (no disk image)"))
+    d = DaemonProc().start()
+    try:
+        show(bench_roundtrip(10 * args.n, args.clients, d.socket))
         more, breakdown = bench_api(args.n, args.clients, d.socket)
-        api_rows += more
+        show(more)
         more, b2 = bench_api(args.n, args.clients, d.socket, NO_DISK, " (no disk image)")
-        more += bench_revoke(d.socket, max(5, args.n // 10))
-        api_rows += more
+        show(more)
         breakdown.update(b2)
+        show(bench_revoke(d.socket, max(5, args.n // 10)))
         metrics = Client(d.socket).metrics()
-    rows += api_rows
+    finally:
+        left = d.stop()
+        d.cleanup()
+        if left:
+            print(f"daemon left after SIGTERM: {left}", flush=True)
     if args.json:
         print(json.dumps({"rows": rows, "api_breakdown": breakdown, "errors": ERRORS}, indent=1))
         return 0
-    print(f"{'what':<58} {'n':>5} {'median ms':>10} {'p95 ms':>8} {'per s':>7}")
-    for r in rows:
-        print(f"{r['name']:<58} {r['n']:>5} {r['median_ms']:>10} {r['p95_ms']:>8} {r['per_s']:>7}")
     print("API time by call (client-side medians, ms):", json.dumps(breakdown))
     hist = [ln for ln in metrics.splitlines() if ln.startswith("sandboxd_create_seconds_")
             and ("_sum" in ln or "_count" in ln)]

@@ -6,6 +6,7 @@ destroys its sandboxes), waits, and checks nothing was left in the run dir.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from sandbox.client import Client, DaemonError
 
 REPO = Path(__file__).resolve().parents[2]
+TEST_POLICY = "sbxt-nodisk"
 
 
 class DaemonProc:
@@ -36,6 +38,21 @@ class DaemonProc:
                      "--admin-group", admin_group, *extra_args]
         self.proc: subprocess.Popen | None = None
         self.extra_env = env or {}
+        self._write_test_policy()
+
+    def _write_test_policy(self):
+        """Policy TEST_POLICY: the default policy without the bounded-disk image (/tmp and
+        the workspace on the host instead of a loop-mounted ext4). The daemon's tests are
+        about the daemon; the loop disk has its own tests and, under heavy parallel load,
+        a teardown that can outlast its wait (see the report)."""
+        pdir = self.tmp / "policies"
+        pdir.mkdir()
+        text = (REPO / "policies" / "default.toml").read_text()
+        text = re.sub(r'(?m)^name = "default"', f'name = "{TEST_POLICY}"', text)
+        text, n = re.subn(r'(?m)^disk = "[^"]*"', "disk = 0", text)
+        assert n == 1, "policies/default.toml changed shape: update tests/helpers/daemon.py"
+        (pdir / f"{TEST_POLICY}.toml").write_text(text)
+        self.args += ["--policy-dir", str(pdir)]
 
     def start(self) -> "DaemonProc":
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "SANDBOXD_TOKEN")}

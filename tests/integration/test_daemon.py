@@ -14,7 +14,7 @@ import pytest
 
 from sandbox.client import Client, DaemonError
 from tests.helpers import fakes
-from tests.helpers.daemon import DaemonProc, alive, cgroup_frozen
+from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive, cgroup_frozen
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def admin(daemon):
 
 def _grant(admin, **kw):
     kw.setdefault("ceiling", {"memory": "1GiB"})
+    kw.setdefault("policies", [TEST_POLICY])
     t = admin.grant_token(**kw)
     return t["token"], t["id"]
 
@@ -60,7 +61,7 @@ def test_orchestrator_flow(daemon, admin):
     """grant token -> create -> copy files in -> exec make test -> copy artifacts out -> destroy"""
     value, tid = _grant(admin, name="ci")
     with Client(daemon.socket, token=value) as c:
-        sb = c.create("default", overrides=SMALL)
+        sb = c.create(TEST_POLICY, overrides=SMALL)
         sid = sb["id"]
         c.put_file(sid, "Makefile", b"test:\n\tsh ./check.sh > build/report.txt\n\tcat build/report.txt\n")
         c.put_file(sid, "check.sh", b"mkdir -p build 2>/dev/null; echo \"tests passed as $(id -u)\"\n",
@@ -90,7 +91,7 @@ def test_orchestrator_flow(daemon, admin):
 def test_failed_command_and_limit_events(daemon, admin):
     value, _ = _grant(admin)
     with Client(daemon.socket, token=value) as c:
-        sid = c.create(overrides=SMALL)["id"]
+        sid = c.create(TEST_POLICY, overrides=SMALL)["id"]
         res = c.exec(sid, ["sh", "-c", "echo out; echo err >&2; exit 3"])
         assert (res.exit_code, res.stdout, res.stderr) == (3, b"out\n", b"err\n")
         res = c.exec(sid, ["sleep", "30"], timeout=0.5)
@@ -107,7 +108,7 @@ def test_secret_printed_by_agent_never_reaches_client_and_sandbox_is_held(daemon
     value, _ = _grant(admin)
     secret = fakes.aws_key_id()
     with Client(daemon.socket, token=value) as c:
-        sid = c.create(overrides=SMALL)["id"]
+        sid = c.create(TEST_POLICY, overrides=SMALL)["id"]
         pid = _init_pid(admin, sid)
         # The agent writes the secret to a file, then prints it among ordinary output.
         c.put_file(sid, "creds.txt", secret + b"\n")
@@ -151,8 +152,8 @@ def test_revocation_kills_only_that_tokens_sandboxes(daemon, admin):
     a, aid = _grant(admin, name="a")
     b, _ = _grant(admin, name="b")
     with Client(daemon.socket, token=a) as ca, Client(daemon.socket, token=b) as cb:
-        sa = [ca.create(overrides=SMALL)["id"] for _ in range(2)]
-        sb = cb.create(overrides=SMALL)["id"]
+        sa = [ca.create(TEST_POLICY, overrides=SMALL)["id"] for _ in range(2)]
+        sb = cb.create(TEST_POLICY, overrides=SMALL)["id"]
         pids_a = [_init_pid(admin, s) for s in sa]
         pid_b = _init_pid(admin, sb)
         out = admin.revoke_token(aid)
@@ -172,13 +173,13 @@ def test_expiry_kills_only_that_tokens_sandboxes(daemon, admin):
     a, _ = _grant(admin, name="short", ttl=2.0)
     b, _ = _grant(admin, name="long")
     with Client(daemon.socket, token=a) as ca, Client(daemon.socket, token=b) as cb:
-        sa = ca.create(overrides=SMALL)["id"]
-        sb = cb.create(overrides=SMALL)["id"]
+        sa = ca.create(TEST_POLICY, overrides=SMALL)["id"]
+        sb = cb.create(TEST_POLICY, overrides=SMALL)["id"]
         pid_a, pid_b = _init_pid(admin, sa), _init_pid(admin, sb)
         assert _wait_until(lambda: sa not in {s["id"] for s in admin.list()})
         assert not alive(pid_a) and alive(pid_b)
         with pytest.raises(DaemonError) as e:
-            ca.create(overrides=SMALL)
+            ca.create(TEST_POLICY, overrides=SMALL)
         assert e.value.status == 401 and "expired" in e.value.message
         cb.destroy(sb)
 
@@ -187,7 +188,7 @@ def test_other_tokens_sandbox_is_not_found(daemon, admin):
     a, _ = _grant(admin)
     b, _ = _grant(admin)
     with Client(daemon.socket, token=a) as ca, Client(daemon.socket, token=b) as cb:
-        sid = ca.create(overrides=SMALL)["id"]
+        sid = ca.create(TEST_POLICY, overrides=SMALL)["id"]
         for op in (lambda: cb.inspect(sid), lambda: cb.exec(sid, ["id"]),
                    lambda: cb.get_file(sid, "x"), lambda: cb.destroy(sid)):
             with pytest.raises(DaemonError) as e:
@@ -203,7 +204,7 @@ def test_workspace_escape_through_agent_symlinks_is_refused(daemon, admin):
     marker = daemon.tmp / "host-secret.txt"
     marker.write_text("host only\n")
     with Client(daemon.socket, token=value) as c:
-        sid = c.create(overrides=SMALL)["id"]
+        sid = c.create(TEST_POLICY, overrides=SMALL)["id"]
         res = c.exec(sid, ["sh", "-c", f"ln -s {marker} abs; ln -s ../../../../../.. up; "
                                        "ln -s /proc/self/root root; mkfifo fifo; echo ok"])
         assert res.exit_code == 0, res
@@ -319,13 +320,14 @@ def _ctl(daemon, *argv, env=None, input=None):
 def test_cli_flow_with_a_token_file(daemon, admin, tmp_path):
     tok_file = tmp_path / "token"
     out = _ctl(daemon, "token", "--socket", daemon.socket, "grant", "--name", "cli",
-               "--memory", "1GiB", "--out", str(tok_file))
+               "--memory", "1GiB", "--policy", TEST_POLICY, "--out", str(tok_file))
     assert out.returncode == 0, out.stderr
     assert oct(tok_file.stat().st_mode & 0o777) == "0o600"
     value = tok_file.read_text().strip()
     assert value not in out.stdout
     common = ["--socket", daemon.socket, "--token-file", str(tok_file)]
-    sid = _ctl(daemon, "create", *common, "--set", "limits.memory=512MiB").stdout.strip()
+    sid = _ctl(daemon, "create", *common, "--policy", TEST_POLICY,
+               "--set", "limits.memory=512MiB").stdout.strip()
     assert sid.startswith("sb-")
     (tmp_path / "proj").mkdir()
     (tmp_path / "proj" / "hello.sh").write_text("echo hello from $(hostname)\n")
@@ -345,7 +347,7 @@ def test_cli_flow_with_a_token_file(daemon, admin, tmp_path):
 
 def test_run_goes_through_the_daemon(daemon, admin):
     before = len(admin.audit(action="daemon_create", limit=10000))
-    out = _ctl(daemon, "run", "--", "sh", "-c", "echo via daemon; exit 7",
+    out = _ctl(daemon, "run", "--policy", TEST_POLICY, "--", "sh", "-c", "echo via daemon; exit 7",
                env={"SANDBOXD_SOCKET": daemon.socket})
     assert out.returncode == 7 and out.stdout == "via daemon\n", out.stderr
     assert len(admin.audit(action="daemon_create", limit=10000)) == before + 1

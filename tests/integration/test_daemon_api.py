@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.daemon import DaemonProc, check_response, load_spec, raw_request
+from tests.helpers.daemon import TEST_POLICY, DaemonProc, check_response, load_spec, raw_request
 
 SPEC = load_spec()
 SMALL = {"limits": {"memory": "512MiB"}}
@@ -51,11 +51,12 @@ def test_every_operation_responds_as_documented(daemon):
     assert admin("GET", "/v1/health")[0] == 200
     assert admin("GET", "/v1/metrics")[0] == 200
     status, tok = admin("POST", "/v1/tokens", body={"name": "api", "ceiling": {"memory": "1GiB"},
-                                                    "max_sandboxes": 2, "ttl": 600})
+                                                    "max_sandboxes": 2, "ttl": 600,
+                                                    "policies": [TEST_POLICY]})
     assert status == 201
     c = Checked(daemon, tok["token"])
     assert admin("GET", "/v1/tokens")[0] == 200
-    status, sb = c("POST", "/v1/sandboxes", body={"policy": "default", "overrides": SMALL})
+    status, sb = c("POST", "/v1/sandboxes", body={"policy": TEST_POLICY, "overrides": SMALL})
     assert status == 201
     p = {"id": sb["id"]}
     assert c("GET", "/v1/sandboxes")[0] == 200
@@ -72,7 +73,7 @@ def test_every_operation_responds_as_documented(daemon):
     assert c("POST", "/v1/sandboxes/{id}/resume", params=p)[0] == 200
     # Error responses are documented too.
     assert c("GET", "/v1/sandboxes/{id}", params={"id": "sb-000000000000"})[0] == 404
-    assert c("POST", "/v1/sandboxes", body={"policy": "default", "x": 1})[0] == 400
+    assert c("POST", "/v1/sandboxes", body={"policy": TEST_POLICY, "x": 1})[0] == 400
     assert c("GET", "/v1/tokens")[0] == 403
     assert c("GET", "/v1/sandboxes", token="sbxd_000000000000_" + "A" * 43)[0] == 401
     assert admin("GET", "/v1/audit", query={"limit": "5"})[0] == 200
@@ -137,9 +138,9 @@ def _fuzz(daemon_ctx, op, values, shaped, sid, path, who, raw):
 def test_fuzz_finds_no_server_errors(daemon):
     admin = Checked(daemon)
     _, tok = admin("POST", "/v1/tokens", body={"name": "fuzz", "ceiling": {"memory": "1GiB"},
-                                               "max_sandboxes": 3})
+                                               "max_sandboxes": 3, "policies": [TEST_POLICY]})
     _, sb = Checked(daemon, tok["token"])("POST", "/v1/sandboxes",
-                                          body={"policy": "default", "overrides": SMALL})
+                                          body={"policy": TEST_POLICY, "overrides": SMALL})
     try:
         _fuzz((sb["id"], tok["token"], daemon))
     finally:
