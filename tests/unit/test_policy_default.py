@@ -102,10 +102,20 @@ def test_every_field_is_documented_and_has_an_immutable_default():
         assert not isinstance(f.default, (list, dict, set)), dotted
 
 
+def _policy_doc():
+    import runpy
+    return runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "policy-doc"))
+
+
 def test_policy_doc_table_covers_every_field():
     """scripts/policy-doc renders README's table from the same field docs."""
-    import runpy
-    doc = runpy.run_path(str(Path(__file__).resolve().parents[2] / "scripts" / "policy-doc"))
-    table = doc["render"]()
+    table = _policy_doc()["render"]()
     for dotted, _ in _all_fields(Policy):
         assert f"`{dotted}`" in table, dotted
+
+
+def test_readme_policy_table_is_current():
+    doc = _policy_doc()
+    text = doc["README"].read_text()
+    assert doc["_replace"](text, doc["render"]()) == text, \
+        "README.md's policy table is stale: run scripts/policy-doc --write"
