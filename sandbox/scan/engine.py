@@ -276,13 +276,27 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
     return out
 
 
+# Values a rule's checks rejected, remembered so a build log repeating the same author
+# e-mail, documentation key or digest does not re-run the validators on every line. Only
+# REJECTED values (benign by the rule's own checks, never secrets) are kept; bounded; shared
+# by all threads (a set's add/contains are atomic under the GIL, a lost add costs a recheck).
+_REJECTED: set = set()
+_REJECTED_MAX = 4096
+
+
 def _valid(rule: Rule, value: bytes, match: bytes) -> bool:
     """Cheapest checks first: validators are mostly one regex, entropy counts every byte."""
-    if not all(VALIDATORS[v](value, match) for v in rule.validators):
+    key = (rule.id, value, match)
+    if key in _REJECTED:
         return False
-    if rule.placeholders and is_placeholder(value):
+    if (not all(VALIDATORS[v](value, match) for v in rule.validators)
+            or (rule.placeholders and is_placeholder(value))
+            or (rule.entropy and shannon_entropy(value) < rule.entropy)):
+        if len(_REJECTED) >= _REJECTED_MAX:
+            _REJECTED.clear()
+        _REJECTED.add(key)
         return False
-    return not rule.entropy or shannon_entropy(value) >= rule.entropy
+    return True
 
 
 def _binary(buf: bytes, first: int, rule: Rule) -> list:
