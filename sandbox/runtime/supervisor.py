@@ -107,9 +107,10 @@ class SeccompSupervisor:
 
     # -- hand-off from the engine (SandboxContext.seccomp_listener)
     def watch(self, fd: int, pid: int | None = None) -> None:
-        """Take ownership of the listener fd of one command (pid: its process, for the
-        record). Must be called on the thread of a running event loop; the supervisor
-        closes the fd when no process uses the filter any more, or in close()."""
+        """Take ownership of the listener fd of one command (pid: the command's process;
+        each notification names the exact pid). Must be called on the thread of a running
+        event loop; the supervisor closes the fd when no process uses the filter any more,
+        or in close()."""
         loop = asyncio.get_running_loop()
         self._fds[fd] = loop
         loop.add_reader(fd, self._on_readable, fd)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 
+import pytest
+
 from sandbox.audit.sink import MemorySink
 from sandbox.kernel import seccomp
 from sandbox.runtime import supervisor as sv
@@ -109,65 +111,58 @@ class _FakeKernel:
         return 0
 
 
-def _supervised(monkeypatch, kernel):
+@pytest.fixture
+def supervised(monkeypatch):
+    """supervised(kernel) -> (supervisor, sink, listener fd) on a fake kernel; cleaned up."""
     import asyncio
     import os
-    monkeypatch.setattr(sv.fcntl, "ioctl", kernel.ioctl)
-    loop = asyncio.new_event_loop()
-    r, w = os.pipe()
-    sink = MemorySink()
-    sup = sv.SeccompSupervisor("sbxt-unit", audit=sink)
-    sup._fds[r] = loop
-    loop.add_reader(r, lambda: None)
-    return sup, sink, r, w, loop
+    made = []
+
+    def make(kernel):
+        monkeypatch.setattr(sv.fcntl, "ioctl", kernel.ioctl)
+        loop = asyncio.new_event_loop()
+        r, w = os.pipe()
+        sink = MemorySink()
+        sup = sv.SeccompSupervisor("sbxt-unit", audit=sink)
+        sup._fds[r] = loop
+        loop.add_reader(r, lambda: None)
+        made.append((sup, w, loop))
+        return sup, sink, r
+
+    yield make
+    for sup, w, loop in made:
+        sup.close()
+        os.close(w)
+        loop.close()
 
 
-def _cleanup(sup, w, loop):
-    import os
-    sup.close()
-    os.close(w)
-    loop.close()
-
-
-def test_handle_answers_eperm_and_records(monkeypatch):
+def test_handle_answers_eperm_and_records(supervised):
     k = _FakeKernel()
-    sup, sink, r, w, loop = _supervised(monkeypatch, k)
-    try:
-        sup._handle_one(r)
-        assert k.sent == [(7, 0, -errno.EPERM, 0)]
-        (rec,) = sink.find("seccomp_violation", syscall="unshare")
-        assert rec["details"]["args"] == {"flags": 0x10000000}
-    finally:
-        _cleanup(sup, w, loop)
+    sup, sink, r = supervised(k)
+    sup._handle_one(r)
+    assert k.sent == [(7, 0, -errno.EPERM, 0)]
+    (rec,) = sink.find("seccomp_violation", syscall="unshare")
+    assert rec["details"]["args"] == {"flags": 0x10000000}
 
 
-def test_target_dead_before_receive_is_skipped(monkeypatch):
-    sup, sink, r, w, loop = _supervised(monkeypatch, _FakeKernel(recv_error=errno.ENOENT))
-    try:
-        sup._handle_one(r)
-        assert sink.records == [] and sup.watching() == 1
-    finally:
-        _cleanup(sup, w, loop)
+def test_target_dead_before_receive_is_skipped(supervised):
+    sup, sink, r = supervised(_FakeKernel(recv_error=errno.ENOENT))
+    sup._handle_one(r)
+    assert sink.records == [] and sup.watching() == 1
 
 
-def test_target_dead_before_answer_is_recorded(monkeypatch):
-    sup, sink, r, w, loop = _supervised(monkeypatch, _FakeKernel(send_error=errno.ENOENT))
-    try:
-        sup._handle_one(r)
-        (rec,) = sink.find("seccomp_violation")
-        assert rec["details"]["target_gone"] is True and sup.watching() == 1
-    finally:
-        _cleanup(sup, w, loop)
+def test_target_dead_before_answer_is_recorded(supervised):
+    sup, sink, r = supervised(_FakeKernel(send_error=errno.ENOENT))
+    sup._handle_one(r)
+    (rec,) = sink.find("seccomp_violation")
+    assert rec["details"]["target_gone"] is True and sup.watching() == 1
 
 
-def test_broken_listener_is_closed_so_the_kernel_refuses(monkeypatch):
-    sup, sink, r, w, loop = _supervised(monkeypatch, _FakeKernel(recv_error=errno.EBADF))
-    try:
-        sup._handle_one(r)
-        assert sup.watching() == 0
-        assert sink.find("seccomp_supervisor")[0]["outcome"] == "error"
-    finally:
-        _cleanup(sup, w, loop)
+def test_broken_listener_is_closed_so_the_kernel_refuses(supervised):
+    sup, sink, r = supervised(_FakeKernel(recv_error=errno.EBADF))
+    sup._handle_one(r)
+    assert sup.watching() == 0
+    assert sink.find("seccomp_supervisor")[0]["outcome"] == "error"
 
 
 def test_a_flood_is_refused_counted_and_summed_up(monkeypatch):
