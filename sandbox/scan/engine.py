@@ -214,7 +214,16 @@ class Scanner:
             return []
         by_rule: dict = {}
         for i, ends in hits.items():
-            by_rule.setdefault(self._triggers[i].index, []).append((self._triggers[i], ends))
+            trig = self._triggers[i]
+            # the keyword triggers of one rule (e.g. aws_secret and secret_access_key in one
+            # AWS_SECRET_ACCESS_KEY) confirm together: one regex run covers them all
+            same = by_rule.setdefault(trig.index, [])
+            for j, (other, more) in enumerate(same):
+                if other.som == trig.som:
+                    same[j] = (other, more + ends)
+                    break
+            else:
+                same.append((trig, ends))
         found = []
         for index in sorted(by_rule):
             for trig, ends in by_rule[index]:
@@ -249,30 +258,40 @@ class Scanner:
 
 def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
     """Run the rule's regex from each trigger (from its start with SOM, else from max_len
-    before its end) and keep the values that pass the checks."""
+    before its end) and keep the values that pass the checks. Runs once per trigger hit
+    that survives the hyperscan pass, so the loop avoids builtin calls (max/min) and named
+    group lookups it does not need."""
     rule = trig.rule
     rx = rule.regex
-    has_group = "secret" in rx.groupindex
-    out, covered, n = [], -1, len(buf)
+    search = rx.search
+    group = "secret" if "secret" in rx.groupindex else 0
+    if trig.som:                      # the match starts near the trigger's start
+        back, ahead = rule.lookback, rule.max_len + SLACK
+    else:                             # it contains the trigger's end, at most max_len long
+        back = ahead = rule.max_len + SLACK
+    out, covered = [], -1
     for frm, to in sorted(hits):
         if to <= covered:
             continue                  # inside a match already confirmed
-        if trig.som:                  # the match starts near the trigger's start
-            pos, hi = max(0, frm - rule.lookback), min(n, frm + rule.max_len + SLACK)
-        else:                         # it contains the trigger's end, at most max_len long
-            pos, hi = max(0, to - rule.max_len - SLACK), min(n, to + rule.max_len + SLACK)
+        anchor = frm if trig.som else to
+        pos = anchor - back if anchor > back else 0
+        hi = anchor + ahead           # endpos past the buffer's end is clamped by re
         while pos <= to:              # search, not finditer: stop once past this trigger
-            m = rx.search(buf, pos, hi)
-            if m is None or m.start() > to:
+            m = search(buf, pos, hi)
+            if m is None:
                 break
-            pos = max(m.end(), m.start() + 1)
-            covered = max(covered, m.end())
-            span = m.span("secret") if has_group else m.span()
-            if span[0] < 0:
+            ms, me = m.span()
+            if ms > to:
+                break
+            pos = me if me > ms else ms + 1
+            if me > covered:
+                covered = me
+            vs, ve = m.span(group)
+            if vs < 0:
                 continue
-            value = buf[span[0]:span[1]]
+            value = buf[vs:ve]
             if _valid(rule, value, m.group()):
-                out.append((span[0], span[1], rule, value, ()))
+                out.append((vs, ve, rule, value, ()))
     return out
 
 
