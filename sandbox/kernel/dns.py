@@ -26,7 +26,6 @@ import socket
 import struct
 import time
 
-import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
@@ -155,6 +154,8 @@ class Resolver:
             raise NetworkError(f"cannot listen for DNS on {ip}:53", errno=e.errno,
                                syscall="bind") from e
         self._socks = (usock, tsock)
+        for sock in self._socks:
+            forget_stale_fd(loop, sock)
         self._udp = _Udp(self, usock)
         self._tasks = [asyncio.ensure_future(loop.create_datagram_endpoint(lambda: self._udp,
                                                                            sock=usock)),
@@ -171,7 +172,13 @@ class Resolver:
                 (obj[0] if isinstance(obj, tuple) else obj).close()
         for w in list(self._writers):
             w.close()
+        loop = asyncio.get_event_loop()
         for s in self._socks:
+            # A task cancelled half-way (stop right after start) leaves its reader
+            # registered: unregister before closing, or the fd number goes stale.
+            # (the private variant: the public one refuses fds a closing transport owns)
+            if s.fileno() >= 0:
+                getattr(loop, "_remove_reader", loop.remove_reader)(s.fileno())
             s.close()
         if self._fw is not None:
             self._fw.close()
@@ -234,11 +241,9 @@ class Resolver:
         resp = None
         for host, port in self.upstream:
             try:
-                resp = await dns.asyncquery.udp(up, host, port=port, timeout=_UPSTREAM_TIMEOUT)
-                if resp.flags & dns.flags.TC:
-                    resp = await dns.asyncquery.tcp(up, host, port=port, timeout=_UPSTREAM_TIMEOUT)
+                resp = await ask_upstream(up, host, port)
                 break
-            except (dns.exception.DNSException, OSError):
+            except (dns.exception.DNSException, OSError, asyncio.TimeoutError, ValueError):
                 continue
         if resp is None:
             self._audit(qname, qtype, "error", reason="upstream unreachable")
@@ -295,6 +300,55 @@ class Resolver:
         finally:
             self._writers.discard(writer)
             writer.close()
+
+
+def forget_stale_fd(loop, sock):
+    """Drop any selector entry left for this fd number. A socket closed while the loop still
+    had it registered (the kernel drops it from epoll, asyncio keeps the key) would make a
+    later add_reader on the reused number a silent no-op: the new socket is never polled."""
+    sel = getattr(loop, "_selector", None)
+    if sel is not None and sock.fileno() in sel.get_map():
+        try:
+            sel.unregister(sock.fileno())
+        except (KeyError, OSError, ValueError):
+            pass
+
+
+async def ask_upstream(q: dns.message.Message, host: str, port: int,
+                       timeout: float = _UPSTREAM_TIMEOUT) -> dns.message.Message:
+    """One query to an upstream resolver on the running loop: UDP on a connected socket
+    (only the upstream's replies are accepted), TCP if the answer was truncated. The
+    socket is made by the calling thread, so it lives in the host netns."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    wire = q.to_wire()
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC) as s:
+        forget_stale_fd(loop, s)
+        s.connect((host, port))
+        await loop.sock_sendall(s, wire)
+        deadline = loop.time() + timeout
+        for _ in range(8):  # bounded: skip stray datagrams that are not our answer
+            data = await asyncio.wait_for(loop.sock_recv(s, 65535), max(0.01, deadline - loop.time()))
+            try:
+                r = dns.message.from_wire(data)
+            except dns.exception.DNSException:
+                continue
+            if q.is_response(r):
+                break
+        else:
+            raise dns.exception.Timeout()
+    if not r.flags & dns.flags.TC:
+        return r
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), timeout))
+        r = dns.message.from_wire(await asyncio.wait_for(reader.readexactly(n), timeout))
+    finally:
+        writer.close()
+    if not q.is_response(r):
+        raise ValueError("upstream answered another question")
+    return r
 
 
 def _pinnable(addr: str, private_ok: bool) -> bool:

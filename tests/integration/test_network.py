@@ -330,7 +330,8 @@ def test_sandbox_gets_ipv4_only(lab, sandbox):
 
 def test_by_default_a_name_cannot_be_pointed_at_internal_addresses(lab, sandbox):
     h = sandbox(allow=["api.example.test"], dns_private=False)
-    assert resolve(lab, h, "api.example.test") == {"rcode": "NOERROR", "a": [], "tc": False}
+    r = resolve(lab, h, "api.example.test")
+    assert r == {"rcode": "NOERROR", "a": [], "tc": False}, r
     assert network.HostSide.get().call(_allowed, h.table) == set()
     assert connect(lab, h, "10.250.1.2", 443)["ok"] is False
 
@@ -381,3 +382,22 @@ def test_daemon_killed_then_recovery_removes_everything(lab, tmp_path):
     assert sorted(r.split("(")[0] for r in report.sandboxes[0].removed) == [
         "netns", "nft", "qdisc", "veth"]
     _nothing_left(lab, names)
+
+
+def test_quick_create_destroy_leaves_the_resolver_loop_clean(lab, sandbox):
+    for _ in range(3):  # destroyed before the resolver's server tasks ever ran
+        network.teardown(network.setup(make_ctx(allow=["api.example.test"])))
+    hs = network.HostSide.get()
+
+    def closed_fds():
+        out = []
+        for fd in hs.loop._selector.get_map():
+            try:
+                os.fstat(fd)
+            except OSError:
+                out.append(fd)
+        return out
+    assert hs.call(closed_fds) == []
+    h = sandbox(allow=["api.example.test"])
+    assert resolve(lab, h, "api.example.test", tcp=True)["a"] == ["10.250.1.2"]
+    assert resolve(lab, h, "api.example.test")["a"] == ["10.250.1.2"]
