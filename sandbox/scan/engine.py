@@ -19,6 +19,7 @@ Why this shape (and not hyperscan streaming mode or start-of-match offsets):
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -41,9 +42,12 @@ _NOT_CONTROL = bytes(b for b in range(256) if not (b <= 8 or 14 <= b <= 26 or 28
 CONTEXT = 64                  # released bytes kept before the tail for lookbehinds
 SLACK = 16                    # lookaround margin added to windows
 MAX_DEPTH = 2                 # decode-and-rescan nesting (base64 of hex of a secret)
-# All triggers are compiled into ONE database: measured against one database per rule family
-# (secret / pii / encoded+binary) it scans as fast or faster, and a decoded buffer rescanned
-# at depth 1-2 costs one hyperscan call instead of three.
+# Triggers are compiled into two databases: the literal-anchored ones (every secret rule, the
+# e-mail '@', E.164 '+', percent '%', binary control bytes), which hyperscan runs at memory
+# speed, and the ones made of character classes only (card/SSN/phone digit runs, base64 and
+# hex runs of encoded text), which need an NFA active on every byte. Measured on the generated
+# build log: two passes split this way run ~12% faster than one database of everything and
+# than the earlier split by rule family (secret / pii / encoded), whose every pass mixed both.
 
 
 def _cache_dir() -> Path:
@@ -83,6 +87,13 @@ def _expressions(rules):
     return out
 
 
+def _class_led(expr: str, rule: Rule) -> bool:
+    """A pii/encoded trigger that starts with a character class (or the run-start anchor
+    before one): no literal for hyperscan to search for first. Secret triggers always carry
+    a literal (prefix or keyword) even when written with a class in front."""
+    return rule.kind in ("pii", "encoded") and expr.startswith(("[", "(?:^|["))
+
+
 def _try_compile(exprs, ids, som):
     db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
     db.compile(expressions=[e.encode() for e, _, _ in exprs], ids=ids, elements=len(exprs),
@@ -119,7 +130,10 @@ def _compile(exprs, ids, key: str, use_cache: bool):
     The cache matters for `sandboxctl scan` startup: compiling the default rules takes
     about 2 s, loading them a few ms. Files are private to the user and only trusted when
     owned by us and not group/other-writable (a swapped database would blind the scanner)."""
-    path = _cache_dir() / f"scan-{key}-hs{hyperscan.__version__}.db"
+    # the key names exactly what is compiled (expressions, flags, ids), not only the rules: a
+    # cache written by an engine that grouped the triggers differently is never loaded
+    what = hashlib.sha256(repr([(e, f) for e, f, _ in exprs] + [ids]).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"scan-{key}-{what}-hs{hyperscan.__version__}.db"
     if use_cache:
         try:
             st = path.stat()
@@ -160,10 +174,15 @@ class Scanner:
                                 Rule(id="volume", kind="volume", severity="medium", action="flag"))
         exprs = _expressions(self.rules)
         self._triggers = [t for _, _, t in exprs]
-        db, som = _compile(exprs, list(range(len(exprs))), rules_hash(self.rules), cache)
-        for trig, flag in zip(self._triggers, som):
-            trig.som = flag
-        self._dbs = [db]
+        key = rules_hash(self.rules)
+        self._dbs = []
+        for group, wanted in enumerate((False, True)):
+            ids = [i for i, (e, _, t) in enumerate(exprs) if _class_led(e, t.rule) == wanted]
+            if ids:
+                db, som = _compile([exprs[i] for i in ids], ids, f"{key}-{group}", cache)
+                for i, flag in zip(ids, som):
+                    self._triggers[i].som = flag
+                self._dbs.append(db)
         self._local = threading.local()     # hyperscan scratch space is per thread
         self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
 

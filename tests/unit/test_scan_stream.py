@@ -240,7 +240,7 @@ def test_compiled_database_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("SANDBOXD_SCAN_CACHE", str(tmp_path))
     first = Scanner(CACHE_RULES)
     files = sorted(tmp_path.iterdir())
-    assert len(files) == 1 and all(f.stat().st_mode & 0o077 == 0 for f in files)
+    assert len(files) == 2 and all(f.stat().st_mode & 0o077 == 0 for f in files)
     second = Scanner(CACHE_RULES)
     assert not second._triggers[1].som          # jwt is too large for start-of-match
     assert [t.som for t in first._triggers] == [t.som for t in second._triggers]
