@@ -175,3 +175,14 @@ def test_tiocsti_cannot_inject_into_the_callers_terminal(tmp_path, state_dir):
         os.close(master)
         if slave >= 0:
             os.close(slave)
+
+
+def test_callers_supplementary_groups_do_not_follow(state_dir):
+    # sandboxctl runs with extra groups (as a root shell in group disk/adm might); with
+    # setgroups "deny" the agent could never drop them, so the engine clears them before clone3
+    res = subprocess.run([SANDBOXCTL, "run", "--state-dir", str(state_dir),
+                          "--policy", policy_file(state_dir.parent), "--",
+                          "grep", "^Groups:", "/proc/self/status"],
+                         extra_groups=[0, 4242], capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [b"Groups:"], res.stdout
