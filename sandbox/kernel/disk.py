@@ -30,8 +30,9 @@ without changing where the agent's writes land. `limits.host_workspace` decides:
 that one directory are bounded only by the host filesystem; /tmp stays bounded; the
 setup step's audit record says so).
 
-Teardown unmounts, waits (bounded) for the loop device to detach, deletes the image and
-verifies all three.
+Teardown shuts the filesystem down (EXT4_IOC_SHUTDOWN, no writeback), unmounts, verifies
+(bounded wait) that no mount or open file holds the filesystem any more, deletes the image and
+verifies it is gone; the loop device then detaches itself (AUTOCLEAR).
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ MS_NOSUID, MS_NODEV = 0x2, 0x4
 EXT4_IOC_SHUTDOWN = 0x8004587D
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 MNT_DETACH = 2
-_WAIT_STEPS, _WAIT_SLEEP = 2000, 0.005          # bounded: 10 s for the loop to let go
+_WAIT_STEPS, _WAIT_SLEEP = 6000, 0.005  # bounded: 30 s for the last mount to let go (seen >10 s when loaded)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
@@ -158,6 +159,19 @@ def _check_room(base: Path, size: int):
 
 # ---------------------------------------------------------------------------- loop devices
 
+def _open_loop_control() -> int:
+    """/dev/loop-control, loading the loop module first where it is not loaded yet (a
+    freshly booted host or VM); without it no bounded disk can be made: fail closed."""
+    for attempt in range(2):
+        try:
+            return os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if attempt == 0:
+                subprocess.run(["modprobe", "loop"], capture_output=True, timeout=30)
+    raise UnsupportedError("no /dev/loop-control (loop driver missing, modprobe loop failed): "
+                           "the disk limit cannot be enforced")
+
+
 def _loop_attach(image: Path) -> tuple[str, int]:
     """Attach image to a free loop device with LOOP_CONFIGURE (Linux 5.8). Direct I/O: the
     loop writes straight to the image instead of through a second page cache charged to the
@@ -167,7 +181,7 @@ def _loop_attach(image: Path) -> tuple[str, int]:
     device and an open fd of it: with LO_FLAGS_AUTOCLEAR the device detaches at its last
     close, so the caller keeps the fd until the mount holds the device (and a crash before
     that leaves nothing attached)."""
-    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    ctl = _open_loop_control()
     img = os.open(image, os.O_RDWR | os.O_CLOEXEC)
     try:
         for _ in range(16):
@@ -235,12 +249,21 @@ class SandboxDisk:
     def workspace_dir(self) -> Path:
         return self.mountpoint / "workspace"
 
+    def _fs_alive(self) -> bool:
+        """Does any mount or open file still hold this disk's filesystem? The ext4 superblock
+        of loopN shows as /sys/fs/ext4/loopN while it exists (fs/ext4/sysfs.c); once it is
+        gone the loop device's own detach (AUTOCLEAR) is the kernel's asynchronous rundown,
+        which can take seconds on a loaded host and needs nothing more from us."""
+        if not self.loopdev or _loop_backing(self.loopdev) != str(self.image):
+            return False        # detached (maybe already re-used by another sandbox)
+        return Path("/sys/fs/ext4", Path(self.loopdev).name).exists()
+
     def usage(self) -> dict:
         st = os.statvfs(self.mountpoint)
         return {"disk_used": (st.f_blocks - st.f_bfree) * st.f_frsize, "disk_limit": self.size}
 
     def remove(self):
-        """Unmount, wait for the loop device to let go of the image, delete it, verify."""
+        """Unmount, verify nothing holds the filesystem any more, delete the image, verify."""
         left = []
         if is_mountpoint(self.mountpoint):
             _shutdown(self.mountpoint)
@@ -250,13 +273,13 @@ class SandboxDisk:
             if err:
                 left.append(f"mount {self.mountpoint} ({os.strerror(err)})")
         for _ in range(_WAIT_STEPS):
-            if _loop_backing(self.loopdev) != str(self.image):
+            if not self._fs_alive():
                 break
             time.sleep(_WAIT_SLEEP)
         else:
-            # Still attached: a mount namespace that has not been freed yet holds it. AUTOCLEAR
-            # detaches it when that goes; the unlinked image's blocks are freed then.
-            left.append(f"loop device {self.loopdev} still attached to {self.image}")
+            # A mount (in a namespace not yet freed) or an open file still holds the disk.
+            # AUTOCLEAR detaches the loop when it goes; the unlinked image is freed then.
+            left.append(f"filesystem of {self.image} still in use on {self.loopdev}")
         self.image.unlink(missing_ok=True)
         try:
             self.mountpoint.rmdir()

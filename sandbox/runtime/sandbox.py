@@ -455,6 +455,11 @@ class Sandbox:
                     reason, text = code, why
             return ExecResult(None, sig, reason, text, usage, duration)
         code = os.WEXITSTATUS(status)
+        if code and self.ctx.cgroup is not None:  # failed after fork hit pids.max: say so
+            limit, why = self.ctx.cgroup.reason(usage)
+            if limit == "pids":
+                return ExecResult(code, None, "pids", f"{why} (exited with status {code})",
+                                  usage, duration)
         return ExecResult(code, None, "exited", f"exited with status {code}", usage, duration)
 
     # ---- control -----------------------------------------------------------------------
