@@ -352,3 +352,10 @@ def test_a_root_owned_host_workspace_is_refused(make_sandbox, tmp_path, state_di
     with pytest.raises(PolicyError, match="owned by root"):
         make_sandbox(pol, workspace=str(ws))
     assert not list((state_dir / "sandboxes").iterdir())  # nothing left of the attempt
+
+
+def test_cli_without_root_is_one_clear_line(state_dir):
+    r = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                        SANDBOXCTL, "run", "--", "true"], capture_output=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.decode().count("\n") == 1 and b"needs root" in r.stderr

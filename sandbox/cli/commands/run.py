@@ -91,8 +91,12 @@ def run(args):
     status = _via_daemon(args)
     if status is not None:
         return status
+    from sandbox.errors import UnsupportedError
     from sandbox.policy import load_policy
     from sandbox.runtime.sandbox import Sandbox
+    if os.geteuid() != 0:
+        raise UnsupportedError("the in-process engine needs root (namespaces, id maps, "
+                               "idmapped mounts); run it with sudo, or through the daemon")
     policy = load_policy(args.policy)
     env = _parse_env(args.env)
     _exit_on_signals()
