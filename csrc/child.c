@@ -242,6 +242,44 @@ static int reset_fds(int *a, int *b, struct sbx_error *e)
     return 0;
 }
 
+/* init's memory is a copy of the caller's, including its argv block, which
+ * /proc/1/cmdline shows to anyone (unlike environ, it needs no ptrace access): blank the
+ * caller's argv and environment strings in our copy. Fields 48-51 of /proc/self/stat are
+ * arg_start, arg_end, env_start, env_end (proc(5)); read before /proc is replaced. */
+static int scrub_cmdline(struct sbx_error *e)
+{
+    char buf[2048];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return sbx_fail(e, "scrub", "open", "/proc/self/stat");
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return sbx_fail(e, "scrub", "read", "/proc/self/stat");
+    buf[n] = 0;
+    char *s = strrchr(buf, ')'); /* comm may hold spaces: fields restart after it */
+    unsigned long v[4] = {0};
+    int field = 2;
+    for (; s && *s; s++) {
+        if (*s != ' ')
+            continue;
+        field++;
+        if (field >= 48 && field <= 51) {
+            unsigned long x = 0;
+            for (char *d = s + 1; *d >= '0' && *d <= '9'; d++)
+                x = x * 10 + (unsigned long)(*d - '0');
+            v[field - 48] = x;
+        }
+    }
+    if (field < 51 || v[1] < v[0] || v[3] < v[2]) {
+        errno = EINVAL;
+        return sbx_fail(e, "scrub", "parse", "/proc/self/stat");
+    }
+    memset((void *)v[0], 0, v[1] - v[0]);
+    memset((void *)v[2], 0, v[3] - v[2]);
+    return 0;
+}
+
 static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int *ctl_fd,
                        struct sbx_error *e)
 {
@@ -250,6 +288,8 @@ static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int
         errno = EPERM;
         return sbx_fail(e, "test", "injected", "failure injected by a test");
     }
+    if (scrub_cmdline(e) < 0)
+        return -1;
     /* Still host uid 0 (unmapped here, but the owner of the state dir): open our root's
      * mount point in our own mount namespace now, while we can walk to it. */
     int root_fd = open(p->root, O_PATH | O_DIRECTORY | O_CLOEXEC);

@@ -48,6 +48,9 @@ def test_caller_environment_does_not_leak(state_dir):
                           script], env=env, capture_output=True, timeout=60)
     assert canary.encode() not in res.stdout + res.stderr
     assert b"HOME=/home/agent" in res.stdout and b"done" in res.stdout  # it did run
+    # init is a copy of the caller: /proc/1/cmdline (readable without ptrace access) must
+    # not show the caller's command line either
+    assert b"sandboxctl" not in res.stdout and b"--state-dir" not in res.stdout
 
 
 def test_host_unix_sockets_are_unreachable(make_sandbox, tmp_path):
