@@ -127,6 +127,8 @@ class HostSide:
             self.thread.join(timeout=5)
         if self._nflog is not None:
             self._nflog.close()
+        for r in self._readers or ():
+            r.close()
         if self.host_fd >= 0:
             os.close(self.host_fd)
             self.host_fd = -1
@@ -139,6 +141,7 @@ class HostSide:
         self._ready = concurrent.futures.Future()
         self.drop_sinks: dict[str, Callable] = {}
         self._nflog = None
+        self._readers = None
         self.thread = threading.Thread(target=self._main, name="sandboxd-net", daemon=True)
         self.thread.start()
         self._ready.result()
@@ -180,6 +183,13 @@ class HostSide:
             yield
         finally:
             _setns(self.host_fd)
+
+    def readers(self):
+        """(worker) an IPRoute and a Firewall kept open for reading counters."""
+        if self._readers is None:
+            from sandbox.kernel.netfilter import Firewall
+            self._readers = (_ipr(), Firewall())
+        return self._readers
 
     def ensure_nflog(self):
         """(worker) bind the daemon's NFLOG group once; drops are routed by sandbox id."""
@@ -328,15 +338,13 @@ class NetHandle:
 
 
 def _read_usage(h: NetHandle) -> dict:
-    from sandbox.kernel.netfilter import Firewall
-    with contextlib.closing(_ipr()) as ipr:
-        idx = _link_index(ipr, h.veth)
-        stats = ipr.get_links(idx)[0].get_attr("IFLA_STATS64") if idx else None
-    fw = Firewall()
-    try:
-        drops = fw.drops(h.table)
-    finally:
-        fw.close()
+    """(worker) byte and drop counters; on the worker's long-lived sockets, since the engine
+    asks after every command."""
+    hs = HostSide.get(h.cfg)
+    ipr, fw = hs.readers()
+    idx = _link_index(ipr, h.veth)
+    stats = ipr.get_links(idx)[0].get_attr("IFLA_STATS64") if idx else None
+    drops = fw.drops(h.table)
     # host end rx = what the sandbox sent; host end tx = what it received
     return {"net_tx_bytes": stats["rx_bytes"] if stats else 0,
             "net_rx_bytes": stats["tx_bytes"] if stats else 0, "net_drops": drops}
