@@ -290,6 +290,7 @@ static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int
     }
     if (scrub_cmdline(e) < 0)
         return -1;
+    prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0); /* what `ps` on the host shows */
     /* Still host uid 0 (unmapped here, but the owner of the state dir): open our root's
      * mount point in our own mount namespace now, while we can walk to it. */
     int root_fd = open(p->root, O_PATH | O_DIRECTORY | O_CLOEXEC);
