@@ -284,8 +284,10 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
     rx = rule.regex
     search = rx.search
     group = "secret" if "secret" in rx.groupindex else 0
+    back_rx = None
     if trig.som:                      # the match starts near the trigger's start
         back, ahead = rule.lookback, rule.max_len + SLACK
+        back_rx = rule.back_regex
     else:                             # it contains the trigger's end, at most max_len long
         back = ahead = rule.max_len + SLACK
     out, covered = [], -1
@@ -294,6 +296,8 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
             continue                  # inside a match already confirmed
         anchor = frm if trig.som else to
         pos = anchor - back if anchor > back else 0
+        if back_rx is not None:       # the match can only start where the run of
+            pos = frm - back_rx.match(buf[pos:frm][::-1]).end()    # lookback_chars does
         hi = anchor + ahead           # endpos past the buffer's end is clamped by re
         while pos <= to:              # search, not finditer: stop once past this trigger
             m = search(buf, pos, hi)

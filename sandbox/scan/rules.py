@@ -33,6 +33,7 @@ class Rule:
     max_len: int = 256             # longest possible match (bounds the stream hold-back)
     min_len: int = 0               # encoded rules: shortest candidate run
     lookback: int = 16             # how far before the trigger's start the match may begin
+    lookback_chars: str = ""       # [class] the match can only extend back over (see back_regex)
     severity: str = "high"
     action: str = "block"
     placeholders: bool = True      # drop values with placeholder words (EXAMPLE, xxxx, <...>)
@@ -43,6 +44,13 @@ class Rule:
     @property
     def regex(self) -> re.Pattern:
         return _compile(self.pattern, self.caseless)
+
+    @property
+    def back_regex(self) -> re.Pattern | None:
+        """`lookback_chars` repeated, matched against the REVERSED bytes before a trigger: how
+        far back the match can start. The confirming regex then starts there instead of
+        trying every one of `lookback` positions (4 us per e-mail trigger in a git log)."""
+        return _compile(self.lookback_chars + "*", False) if self.lookback_chars else None
 
 
 _cache: dict = {}
@@ -57,6 +65,7 @@ def _compile(pattern: str, caseless: bool) -> re.Pattern:
 
 _FIELDS = {"id": str, "kind": str, "pattern": str, "hs": str, "keywords": list, "caseless": bool,
            "validators": list, "entropy": (int, float), "max_len": int, "min_len": int, "lookback": int,
+           "lookback_chars": str,
            "severity": str, "action": str, "placeholders": bool, "decoder": str,
            "description": str}
 
@@ -95,6 +104,14 @@ def _rule_from_table(table: dict, source: str, index: int) -> Rule:
         raise bad("max_len", f"must be between 1 and {MAX_RULE_LEN}")
     if not 0 <= rule.lookback <= MAX_RULE_LEN:
         raise bad("lookback", f"must be between 0 and {MAX_RULE_LEN}")
+    if rule.lookback_chars:
+        # one bracketed class, so the reversed-match trick stays exact (no sequences)
+        if not re.fullmatch(r"\[\^?\]?(?:\\.|[^\]\\])*\]", rule.lookback_chars):
+            raise bad("lookback_chars", "must be one character class like [A-Za-z0-9._-]")
+        try:
+            rule.back_regex
+        except re.error as e:
+            raise bad("lookback_chars", f"does not compile: {e}") from None
     if rule.kind == "encoded":
         if rule.decoder not in DECODERS:
             raise bad("decoder", f"must be one of {', '.join(DECODERS)}")

@@ -89,6 +89,8 @@ def test_bad_rule_files_fail_closed(tmp_path):
         "unknown field": '[[rule]]\nid = "x-rule"\nkind = "secret"\npattern = "abc"\ncolour = "red"\n',
         "bad action": '[[rule]]\nid = "x-rule"\nkind = "secret"\npattern = "abc"\naction = "shrug"\n',
         "no rules": 'title = "empty"\n',
+        "lookback_chars not a class": '[[rule]]\nid = "x-rule"\nkind = "secret"\npattern = "abc"\nlookback_chars = "ab"\n',
+        "lookback_chars two classes": '[[rule]]\nid = "x-rule"\nkind = "secret"\npattern = "abc"\nlookback_chars = "[a][b]"\n',
     }
     for why, text in cases.items():
         path = tmp_path / "bad.toml"
