@@ -438,6 +438,10 @@ class Sandbox:
         by = {r.kind: r for r in reports}
         if timed_out or cio.EXITED not in by:
             reason, text = self._dead_reason or ("killed", "the sandbox was killed")
+            if self._dead_reason is None and self.ctx.cgroup is not None:
+                code, why = self.ctx.cgroup.reason(usage)  # v2 memory.oom.group kills init too
+                if code:
+                    reason, text = self._dead_reason = (code, why)
             return ExecResult(None, signal.SIGKILL, reason, text, usage, duration)
         status = by[cio.EXITED].status
         for kind in (cio.EXEC_FAILED, cio.SETUP_FAILED):
