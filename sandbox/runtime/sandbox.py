@@ -35,9 +35,9 @@ from sandbox.runtime.plan import (ATTR_LOCKDOWN, ATTR_NODEV, ATTR_NOSUID, ATTR_R
 WORKSPACE = "/home/agent/workspace"
 DEFAULT_STATE_DIR = Path("/run/sandboxd")
 
-# Facility steps, in order, from modules built by other engineers. TEMPORARY tolerance: a
-# module that does not exist yet or has no make_step is skipped; the lead makes each one
-# mandatory at integration (then a missing facility must stop the sandbox from starting).
+# Facility steps, in order. Every module is required: a facility that cannot be imported
+# stops the sandbox from starting (fail closed). A module's make_step() returns None only when
+# the policy does not ask for that control (e.g. network mode "none", disk = 0).
 FACILITY_MODULES = ("sandbox.kernel.cgroups", "sandbox.kernel.disk", "sandbox.kernel.network",
                     "sandbox.kernel.seccomp")
 SUPERVISOR_MODULE = "sandbox.runtime.supervisor"
@@ -88,15 +88,12 @@ class SandboxContext:
     extra: dict = field(default_factory=dict)
 
 
-def _optional_step(module: str, ctx: SandboxContext) -> Step | None:
+def _facility_step(module: str, ctx: SandboxContext) -> Step | None:
     try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name == module:
-            return None
-        raise
-    make = getattr(mod, "make_step", None)
-    return make(ctx) if make else None
+        make = importlib.import_module(module).make_step
+    except (ImportError, AttributeError) as e:
+        raise UnsupportedError(f"facility {module} is not available: {e}") from e
+    return make(ctx)
 
 
 # ---- the engine's own steps ------------------------------------------------------------
@@ -267,11 +264,11 @@ def _kill_init(ctx: SandboxContext):
 def build_steps(ctx: SandboxContext) -> list[Step]:
     steps = [_state_step(ctx), _uidrange_step(ctx)]
     for module in FACILITY_MODULES:
-        s = _optional_step(module, ctx)
+        s = _facility_step(module, ctx)
         if s is not None:
             steps.append(s)
     steps += [_rootfs_step(ctx), _spawn_step(ctx)]
-    s = _optional_step(SUPERVISOR_MODULE, ctx)
+    s = _facility_step(SUPERVISOR_MODULE, ctx)
     if s is not None:
         steps.append(s)
     return steps
