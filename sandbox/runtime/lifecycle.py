@@ -21,6 +21,9 @@ class Step:
     do: Callable[[], Any]
     undo: Callable[[Any], None] | None = None  # gets what do() returned
     describe: str = ""
+    # Undo only when every later undo succeeded: the intent record must outlive anything
+    # left behind, so that crash recovery can still find and remove it.
+    only_if_clean: bool = False
 
 
 @dataclass
@@ -61,6 +64,11 @@ class Lifecycle:
         while self.done:
             d = self.done.pop()
             if d.step.undo is None:
+                continue
+            if d.step.only_if_clean and failures:
+                failures.append(f"{d.step.name}: kept for recovery (earlier teardown failed)")
+                self.audit.record("teardown_step", sandbox=self.sandbox_id, resource=d.step.name,
+                                  outcome="skipped", details={"reason": "earlier teardown failed"})
                 continue
             try:
                 d.step.undo(d.result)

@@ -116,7 +116,8 @@ def _state_step(ctx: SandboxContext) -> Step:
         if d.exists():
             raise TeardownError("sandbox directory not removed", leftovers=[str(d)])
 
-    return Step("state", do, undo, describe="state directory and intent record")
+    return Step("state", do, undo, describe="state directory and intent record",
+                only_if_clean=True)
 
 
 def _uidrange_step(ctx: SandboxContext) -> Step:
