@@ -184,6 +184,7 @@ class Scanner:
                     self._triggers[i].som = flag
                 self._dbs.append(db)
         self._local = threading.local()     # hyperscan scratch space is per thread
+        self._rejected: set = set()         # see _valid
         self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
 
     @staticmethod
@@ -254,7 +255,7 @@ class Scanner:
                     if detect_binary:
                         found += _binary(buf, ends[0][1], rule)
                 else:
-                    found += _confirm(buf, trig, ends)
+                    found += _confirm(buf, trig, ends, self._rejected)
         return _resolve(found)
 
     def _decoded(self, buf, trig, ends, depth):
@@ -275,7 +276,7 @@ class Scanner:
         return out
 
 
-def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
+def _confirm(buf: bytes, trig: _Trigger, hits: list, rejected: set) -> list:
     """Run the rule's regex from each trigger (from its start with SOM, else from max_len
     before its end) and keep the values that pass the checks. Runs once per trigger hit
     that survives the hyperscan pass, so the loop avoids builtin calls (max/min) and named
@@ -313,30 +314,30 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list) -> list:
             if vs < 0:
                 continue
             value = buf[vs:ve]
-            if _valid(rule, value, m.group()):
+            if _valid(rule, trig.index, value, m.group(), rejected):
                 out.append((vs, ve, rule, value, ()))
     return out
 
 
-# Values a rule's checks rejected, remembered so a build log repeating the same author
-# e-mail, documentation key or digest does not re-run the validators on every line. Only
-# REJECTED values (benign by the rule's own checks, never secrets) are kept; bounded; shared
-# by all threads (a set's add/contains are atomic under the GIL, a lost add costs a recheck).
-_REJECTED: set = set()
-_REJECTED_MAX = 4096
+# A scanner remembers values its rules' checks rejected, so a build log repeating the same
+# author e-mail, documentation key or digest does not re-run the validators on every line.
+# Only REJECTED values (benign by the rule's own checks, never secrets) are kept, keyed by
+# the rule's index in that scanner (ids may mean other checks in another scanner); bounded;
+# shared by the scanner's threads (set add/contains are atomic under the GIL).
+REJECTED_MAX = 4096
 
 
-def _valid(rule: Rule, value: bytes, match: bytes) -> bool:
+def _valid(rule: Rule, index: int, value: bytes, match: bytes, rejected: set) -> bool:
     """Cheapest checks first: validators are mostly one regex, entropy counts every byte."""
-    key = (rule.id, value, match)
-    if key in _REJECTED:
+    key = (index, value, match)
+    if key in rejected:
         return False
     if (not all(VALIDATORS[v](value, match) for v in rule.validators)
             or (rule.placeholders and is_placeholder(value))
             or (rule.entropy and shannon_entropy(value) < rule.entropy)):
-        if len(_REJECTED) >= _REJECTED_MAX:
-            _REJECTED.clear()
-        _REJECTED.add(key)
+        if len(rejected) >= REJECTED_MAX:
+            rejected.clear()
+        rejected.add(key)
         return False
     return True
 

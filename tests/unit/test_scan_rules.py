@@ -105,3 +105,17 @@ def test_duplicate_rule_ids_across_files_are_refused(tmp_path):
     path.write_text('[[rule]]\nid = "email"\nkind = "pii"\npattern = "x@y"\n')
     with pytest.raises(PolicyError, match="already defined"):
         load_rules(["default", str(path)])
+
+
+def test_rejected_values_are_remembered_per_scanner_not_per_rule_id():
+    """The rejected-value memo must not leak between scanners whose rules share an id but
+    not their checks: a value one scanner's email rule rejects is still found by another's."""
+    import dataclasses
+    import secrets as rnd
+    rules = load_rules()
+    strict = Scanner(rules)
+    lax = Scanner([dataclasses.replace(r, validators=()) if r.id == "email" else r for r in rules])
+    data = b"Author: Dev <" + rnd.token_hex(4).encode() + b"@users.noreply.github.com>\n"
+    for _ in range(2):                     # the second pass is answered from the memo
+        assert [f.rule_id for f in strict.scan(data).findings] == []
+        assert [f.rule_id for f in lax.scan(data).findings] == ["email"]
