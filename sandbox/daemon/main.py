@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         log.error("sandboxd must run as root (it builds namespaces, cgroups and nftables)")
         return 2
     try:
-        return asyncio.run(serve(config_from(args)))
+        code = asyncio.run(_bounded(serve(config_from(args))))
     except Exception as e:  # noqa: BLE001 - one clear line, then exit non-zero
         from sandbox.errors import SandboxError
         if isinstance(e, SandboxError):
@@ -134,6 +134,25 @@ def main(argv=None) -> int:
             return 2
         log.exception("sandboxd failed")
         return 1
+    return code
+
+
+async def _bounded(coro):
+    """Run serve(); then leave without waiting for engine calls still stuck in worker threads
+    (a teardown waiting on the kernel): asyncio.run would join them with no bound and
+    systemd would SIGKILL us at TimeoutStopSec. Their intent records stay for recovery."""
+    code = await coro
+    import threading
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.current_thread() and not t.daemon and t.is_alive()
+             and t.name.startswith("asyncio_")]
+    if stuck:
+        log.info("leaving without joining %d worker threads (an engine call may still be "
+                 "waiting on the kernel; recovery cleans up after it)", len(stuck))
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
