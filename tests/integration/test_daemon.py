@@ -94,6 +94,7 @@ def test_failed_command_and_limit_events(daemon, admin):
         sid = c.create(TEST_POLICY, overrides=SMALL)["id"]
         res = c.exec(sid, ["sh", "-c", "echo out; echo err >&2; exit 3"])
         assert (res.exit_code, res.stdout, res.stderr) == (3, b"out\n", b"err\n")
+        assert c.exec(sid, ["cat"], stdin="fed through stdin\n").stdout == b"fed through stdin\n"
         res = c.exec(sid, ["sleep", "30"], timeout=0.5)
         assert res.reason == "timeout" and res.limits and res.limits[0]["limit"] == "timeout"
         # A command timeout kills the whole sandbox (through its cgroup): only destroy is left.
