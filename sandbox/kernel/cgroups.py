@@ -405,6 +405,16 @@ class SandboxCgroup:
             raise TeardownError(f"cgroup {self.name} not removed", leftovers=left)
 
 
+def _lift_cpu_quota(path: Path, unlimited: str):
+    """Killed tasks still need CPU time to exit (and to drop their mounts and files); in a
+    cgroup throttled by its CFS quota they can take seconds to die (sched-bwc.rst). The
+    sandbox is being killed, so its quota no longer matters: lift it first."""
+    try:
+        _write(path, unlimited)
+    except CgroupError:
+        pass  # the directory may already be gone; the kill below reports what matters
+
+
 class V2Cgroup(SandboxCgroup):
     kind = "v2"
 
@@ -412,6 +422,7 @@ class V2Cgroup(SandboxCgroup):
         # cgroup.kill (5.14+) SIGKILLs every task in the subtree atomically w.r.t. forks.
         if not self.v2_dir.exists():
             return
+        _lift_cpu_quota(self.v2_dir / "cpu.max", "max")
         _write(self.v2_dir / "cgroup.kill", "1")
         if not _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("populated") == 0):
             raise CgroupError(f"cgroup {self.name} still populated after cgroup.kill: "
@@ -469,6 +480,8 @@ class V1Cgroup(SandboxCgroup):
     kind = "v1"
 
     def kill(self):
+        if "cpu" in self.v1_dirs:
+            _lift_cpu_quota(self.v1_dirs["cpu"] / "cpu.cfs_quota_us", "-1")
         if self.v2_dir is not None and self.v2_dir.exists():
             _write(self.v2_dir / "cgroup.kill", "1")
             _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("populated") == 0)
