@@ -71,6 +71,14 @@ def no_side_effects():
         mp.undo()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _libraries_loaded():
+    """The first seccomp check finds libseccomp with ctypes.util.find_library, which runs
+    `ldconfig -p` once (read-only). Load it before the guard so the guard sees policy
+    loading only, whatever ran before in the session."""
+    import sandbox.kernel.seccomp  # noqa: F401
+
+
 def write_policy(tmp_path: Path, text: str, name: str = "p") -> Path:
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
