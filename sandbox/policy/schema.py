@@ -125,8 +125,11 @@ class LimitsPolicy:
             raise ValueError(f"cpus: must be between 0 and 1024, got {self.cpus}")
         if not 4 * 1024**2 <= self.memory <= 1024**4:
             raise ValueError("memory: must be between 4 MiB and 1 TiB")
-        if not 1 <= self.pids <= 4194304:
-            raise ValueError(f"pids: must be between 1 and 4194304, got {self.pids}")
+        # The sandbox's init is one of its processes: a limit below 2 leaves no room for
+        # the command itself, so nothing could ever run.
+        if not 2 <= self.pids <= 4194304:
+            raise ValueError(f"pids: must be between 2 (init and one command) and 4194304, "
+                             f"got {self.pids}")
         if not 16 <= self.nofile <= 1048576:
             raise ValueError(f"nofile: must be between 16 and 1048576, got {self.nofile}")
         if self.disk and self.disk < 16 * 1024**2:

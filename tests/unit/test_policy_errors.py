@@ -216,6 +216,7 @@ def test_units_are_parsed(tmp_path):
     ('[limits]\nmemory = "1MiB"\n', "limits.memory"),
     ('[limits]\nmemory = "2TiB"\n', "limits.memory"),
     ("[limits]\npids = 0\n", "limits.pids"),
+    ("[limits]\npids = 1\n", "limits.pids"),
     ("[limits]\ncpus = -1\n", "limits.cpus"),
     ("[limits]\ncpus = 2000\n", "limits.cpus"),
     ("[limits]\ncpus = nan\n", "limits.cpus"),
