@@ -26,6 +26,8 @@ class DaemonConfig:
     token_default_ttl: float = 4 * 3600.0          # default lifetime of a granted token
     watchdog_interval: float | None = None         # from $WATCHDOG_USEC when systemd sets it
     max_file_read: int = 256 * 1024**2             # largest file read out of a workspace
+    net: dict = field(default_factory=dict)        # sandbox.kernel.network.configure(**net)
+    network_sweep: bool = True                     # recovery sweeps our netns/veth/nft names
     extra: dict = field(default_factory=dict)
 
     @property

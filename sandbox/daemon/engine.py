@@ -120,12 +120,15 @@ class RealEngine:
             self._scanners[key] = Scanner.from_policy(policy.scanner)
         return self._scanners[key]
 
-    def recover(self, audit) -> Any:
-        """Clean up what a crashed daemon left behind (the audit engineer's recovery)."""
+    def recover(self, audit, *, escalations=None, network_sweep: bool = False) -> Any:
+        """Clean up what a crashed daemon left behind (the audit engineer's recovery);
+        a teardown that leaves something raises a critical escalation."""
         from sandbox.runtime.recovery import recover
         # No id_prefix: sweeping cgroups by name could hit another daemon's sandboxes
         # (tests run several daemons side by side); intent records name everything we made.
-        return recover(self.run_dir, audit)
+        # network_sweep looks only in the daemon's configured host netns, at our prefix.
+        return recover(self.run_dir, audit, escalations=escalations,
+                       network_sweep=network_sweep)
 
 
 async def call_blocking(fn, *args, **kw):

@@ -55,6 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-connections", type=int, default=d.max_connections)
     ap.add_argument("--idle-timeout", type=float, default=d.idle_timeout)
     ap.add_argument("--header-timeout", type=float, default=d.header_timeout)
+    ap.add_argument("--net-host-netns", default=None,
+                    help="path of the netns that plays the host side of sandbox networks "
+                    "(default: the daemon's own)")
+    ap.add_argument("--net-pool", default=None, help="IPv4 pool split into /30s per sandbox")
+    ap.add_argument("--net-nflog-group", type=int, default=None,
+                    help="NFLOG group for dropped packets (one per daemon on a host)")
+    ap.add_argument("--no-network-sweep", action="store_true",
+                    help="recovery: do not sweep leftover netns/veth/nft names at start")
     ap.add_argument("--log-level", default=os.environ.get("SANDBOXD_LOG_LEVEL", "info"))
     return ap.parse_args(argv)
 
@@ -63,7 +71,12 @@ def config_from(args) -> DaemonConfig:
     return DaemonConfig(socket_path=args.socket, state_dir=args.state_dir, run_dir=args.run_dir,
                         policy_dir=args.policy_dir, client_group=args.client_group,
                         admin_group=args.admin_group, max_connections=args.max_connections,
-                        idle_timeout=args.idle_timeout, header_timeout=args.header_timeout)
+                        idle_timeout=args.idle_timeout, header_timeout=args.header_timeout,
+                        net={k: v for k, v in (("host_netns", args.net_host_netns),
+                                               ("pool", args.net_pool),
+                                               ("nflog_group", args.net_nflog_group))
+                             if v is not None},
+                        network_sweep=not args.no_network_sweep)
 
 
 def open_audit(config: DaemonConfig):
@@ -72,23 +85,43 @@ def open_audit(config: DaemonConfig):
     return AuditLog(config.state_dir)
 
 
+async def assemble(config: DaemonConfig, audit, engine):
+    """Wire the parts: network config, the queued audit sink, escalations, crash recovery,
+    the server. (serve() runs it; tests build an in-process daemon with it.)"""
+    from sandbox.daemon.server import Daemon
+    if config.net:
+        from sandbox.kernel import network
+        try:
+            network.configure(**config.net)
+        except (ValueError, TypeError) as e:
+            from sandbox.errors import SandboxError
+            raise SandboxError(f"network configuration: {e}") from None
+    from sandbox.audit.escalation import Escalations
+    from sandbox.daemon.auditing import QueuedSink
+    sink = QueuedSink(audit)
+    # freeze_cb is the daemon's (set by Daemon below); recovery only raises teardown
+    # escalations for sandboxes no longer running, which have nothing to freeze.
+    esc = Escalations(config.state_dir, sink)
+    t0 = time.perf_counter()
+    recovered = engine.recover(sink, escalations=esc, network_sweep=config.network_sweep)
+    await sink.durable()
+    log.info("recovery done in %.1f ms: %s", (time.perf_counter() - t0) * 1000,
+             _short(getattr(recovered, "to_dict", lambda: recovered)()))
+    return Daemon(config, engine, audit=sink, escalations=esc)
+
+
 async def serve(config: DaemonConfig) -> int:
     from sandbox.daemon.engine import RealEngine
     from sandbox.daemon.notify import Notifier
-    from sandbox.daemon.server import Daemon
 
     if config.policy_dir:
         os.environ["SANDBOXD_POLICY_DIR"] = str(config.policy_dir)
     for d in (config.state_dir, config.run_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
     audit = open_audit(config)
-    engine = RealEngine(config.run_dir)
-    t0 = time.perf_counter()
-    recovered = engine.recover(audit)
-    log.info("recovery done in %.1f ms: %s", (time.perf_counter() - t0) * 1000,
-             _short(recovered))
+    daemon = await assemble(config, audit, RealEngine(config.run_dir))
     notifier = Notifier()
-    daemon = Daemon(config, engine, audit=audit, notifier=notifier)
+    daemon.notifier = notifier
     await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

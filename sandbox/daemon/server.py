@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -23,6 +25,7 @@ from aiohttp import web
 
 from sandbox.audit.sink import NULL_SINK
 from sandbox.daemon import bounds, files
+from sandbox.daemon.auditing import QueuedSink
 from sandbox.daemon.auth import Authorizer, Principal, group_id, peer_of
 from sandbox.daemon.config import DaemonConfig
 from sandbox.daemon.engine import call_blocking
@@ -30,7 +33,7 @@ from sandbox.daemon.errors import BadRequest, Forbidden, StateError, TooMany, st
 from sandbox.daemon.metrics import Metrics
 from sandbox.daemon.state import Registry, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from sandbox.daemon.tokens import CEILING_FIELDS, TokenScope, TokenStore
-from sandbox.errors import AuthError, NotFoundError, PolicyError, SandboxError
+from sandbox.errors import AuthError, NotFoundError, PolicyError, SandboxError, TeardownError
 
 log = logging.getLogger("sandboxd.server")
 
@@ -128,10 +131,19 @@ class _Conn(asyncio.Protocol):
 
 
 class Daemon:
-    def __init__(self, config: DaemonConfig, engine, *, audit=NULL_SINK, notifier=None):
+    def __init__(self, config: DaemonConfig, engine, *, audit=NULL_SINK, notifier=None,
+                 escalations=None):
         self.config = config
         self.engine = engine
-        self.audit = audit
+        # Everything the daemon, the engine and the escalation triggers record goes through
+        # one QueuedSink: queued (never blocks), awaited once before each acknowledgement.
+        self.audit = audit if isinstance(audit, QueuedSink) else QueuedSink(audit)
+        self.esc = escalations
+        if escalations is not None:
+            escalations.audit = self.audit
+            escalations.freeze_cb = self._escalation_freeze
+        self.engine_sink = escalations.watch(self.audit) if escalations is not None else self.audit
+        self._exec_ids = itertools.count(1)
         self.notifier = notifier
         self.tokens = TokenStore(config.tokens_path, default_ttl=config.token_default_ttl)
         self.auth = Authorizer(self.tokens, admin_group=config.admin_group,
@@ -169,6 +181,10 @@ class Daemon:
         r.add_get(f"{API}/tokens", self.list_tokens)
         r.add_delete(f"{API}/tokens/{{id}}", self.revoke_token)
         r.add_get(f"{API}/audit", self.audit_query)
+        r.add_get(f"{API}/audit/replay/{{id}}", self.audit_replay)
+        r.add_get(f"{API}/audit/verify", self.audit_verify)
+        r.add_get(f"{API}/escalations", self.list_escalations)
+        r.add_post(f"{API}/escalations/{{id}}/ack", self.ack_escalation)
         return app
 
     def routes(self) -> set[tuple[str, str]]:
@@ -210,12 +226,25 @@ class Daemon:
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the daemon
                 log.exception("internal error on %s %s", request.method, request.path)
                 resp = self._error(500, "InternalError", f"internal error: {type(e).__name__}")
+            if not resp.prepared:
+                resp = await self._after_durable(resp)
             self.metrics.requests[f"{resp.status // 100}xx"] += 1
             return resp
         finally:
             if conn is not None:
                 conn.inflight -= 1
                 conn.last = time.monotonic()
+
+    async def _after_durable(self, resp):
+        """The reply acknowledges what the handler recorded: it leaves only once those
+        records are on disk. A failed audit write fails the request (closed), never acks."""
+        try:
+            await self.audit.durable()
+        except Exception as e:  # noqa: BLE001
+            log.error("audit log failed; refusing to acknowledge: %s", e)
+            return self._error(503, "AuditUnavailable",
+                               "the audit log could not record this action; not acknowledged")
+        return resp
 
     @staticmethod
     def _error(status: int, kind: str, message: str) -> web.Response:
@@ -272,18 +301,12 @@ class Daemon:
         return _check_fields(body, spec)
 
     def _record(self, action: str, p: Principal | None, **kw):
-        """Queue an audit record; with the hash-chained log, submit() never blocks the loop
-        (its writer thread group-commits) and a failed write is logged here."""
+        """Queue an audit record (never blocks the loop); the reply that acknowledges it
+        waits for it in the middleware (or explicitly, for streamed replies)."""
         kw.update(token=p.token_id if p else None, uid=p.peer.uid if p else None)
         try:
-            submit = getattr(self.audit, "submit", None)
-            if submit is None:
-                self.audit.record(action, **kw)
-                return
-            fut = submit(action, **kw)
-            fut.add_done_callback(lambda f: f.exception() and log.error(
-                "audit record %s failed: %s", action, f.exception()))
-        except Exception:  # noqa: BLE001 - the audit log reports and fails closed on its own
+            self.audit.record(action, **kw)
+        except Exception:  # noqa: BLE001 - the log fails closed; durable() then refuses acks
             log.exception("audit record %s failed", action)
 
     def _spawn(self, coro):
@@ -338,7 +361,7 @@ class Daemon:
         t0 = time.perf_counter()
         try:
             rec.handle = await call_blocking(self.engine.create, final, sandbox_id=rec.id,
-                                             workspace=workspace, audit=self.audit)
+                                             workspace=workspace, audit=self.engine_sink)
         except BaseException:
             self.registry.remove(rec.id)
             raise
@@ -347,6 +370,8 @@ class Daemon:
             self._spawn(self._destroy(rec, "revoked during create"))
             raise AuthError("the token was revoked while the sandbox was being created")
         rec.state = "running"
+        if self.esc is not None:
+            self.esc.set_policy(rec.id, final)
         self.metrics.create_latency.observe(dt)
         self.metrics.created += 1
         rec.expiry_timer = asyncio.get_running_loop().call_later(
@@ -357,6 +382,10 @@ class Daemon:
 
     def _describe(self, rec: SandboxRecord, p: Principal, *, full: bool = False) -> dict:
         d = rec.summary()
+        open_esc = self.esc.list(sandbox=rec.id) if self.esc is not None else []
+        d["escalations"] = len(open_esc)
+        if full:
+            d["open_escalations"] = open_esc
         try:
             d["usage"] = rec.handle.usage() if rec.handle is not None else {}
         except Exception as e:  # noqa: BLE001 - a dying sandbox still lists
@@ -402,7 +431,13 @@ class Daemon:
         try:
             if rec.handle is not None:
                 report = await call_blocking(rec.handle.destroy)
+        except TeardownError as e:
+            if self.esc is not None:
+                self.esc.observe_teardown_failure(rec.id, e.leftovers or [str(e)])
+            raise
         finally:
+            if self.esc is not None:
+                self.esc.forget(rec.id)
             self.registry.remove(rec.id)
             rec.handle = None
             self.metrics.destroyed += 1
@@ -494,6 +529,13 @@ class Daemon:
         async def on_output(stream: str, data: bytes):
             await queue.put((stream, bytes(data)))
 
+        exec_id = f"{rec.id}-{next(self._exec_ids)}"
+        # Env *names* only: values may be credentials the orchestrator hands the agent.
+        self._record("exec_start", p, sandbox=rec.id, resource=body["argv"][0][:200],
+                     details={"exec_id": exec_id, "argv": body["argv"], "cwd": body.get("cwd"),
+                              "env": sorted((body.get("env") or {}).keys()),
+                              "stdin_bytes": len(body.get("stdin") or "")})
+        ctx = _ExecAudit(exec_id)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         rec.execs += 1
@@ -505,20 +547,27 @@ class Daemon:
             timeout=timeout, on_output=on_output))
         task.add_done_callback(lambda _t: setattr(rec, "running_execs", rec.running_execs - 1))
         out = _Emitter(resp)
-        held = await self._pump(rec, p, queue, task, streams, out)
+        held = await self._pump(rec, p, queue, task, streams, out, ctx)
         if held:
-            self._spawn(self._pump(rec, p, queue, task, streams, None))
+            async def drain():
+                await self._pump(rec, p, queue, task, streams, None, ctx)
+                await self._finish_exec(rec, p, task, None, ctx)
+            self._spawn(drain())
+            self._record("exec_end", p, sandbox=rec.id, outcome="held",
+                         details={"exec_id": exec_id, "exit_code": None, "reason": "held",
+                                  "released_bytes": ctx.nbytes})
+            await self._durable_or_error(out)
             await out.send({"event": "exit", "exit_code": None, "signal": None, "reason": "held",
                             "reason_text": rec.held_reason, "usage": {}, "duration": 0.0})
         else:
-            await self._finish_exec(rec, p, task, out)
+            await self._finish_exec(rec, p, task, out, ctx)
         try:
             await resp.write_eof()
         except (ConnectionResetError, RuntimeError):
             pass
         return resp
 
-    async def _pump(self, rec, p, queue, task, streams, out) -> bool:
+    async def _pump(self, rec, p, queue, task, streams, out, ctx) -> bool:
         """Scan and release output until the command ends (False) or a block holds it (True).
 
         With out=None the output is withheld: scanned (findings still count and are
@@ -526,7 +575,7 @@ class Daemon:
         what it printed.
         """
         async def one(stream, result) -> bool:
-            return await self._release(rec, p, stream, result, out) and out is not None
+            return await self._release(rec, p, stream, result, out, ctx) and out is not None
 
         while not task.done():
             getter = asyncio.ensure_future(queue.get())
@@ -547,23 +596,80 @@ class Daemon:
                 return True
         return False
 
-    async def _release(self, rec, p, stream: str, result, out) -> bool:
-        """Send one scan result's findings and released bytes; hold on a block. True if held."""
+    async def _release(self, rec, p, stream: str, result, out, ctx=None) -> bool:
+        """Send one scan result's findings and released bytes; hold on a block or on a
+        critical escalation that froze the sandbox. True if held."""
         for f in result.findings:
             fd = f.to_dict()
             rec.findings += 1
             self.metrics.findings[(str(fd.get("rule", "?")), str(fd.get("action", "?")))] += 1
+            self._audit_finding(rec, p, stream, fd, ctx)
             if out is not None:
                 await out.send({"event": "finding", "stream": stream, "finding": fd})
-        if result.blocked:
-            if rec.state not in ("held", "destroying"):
-                await self._hold(rec, p, f"scanner blocked {stream} output")
-                if out is not None:
-                    await out.send({"event": "held", "reason": rec.held_reason})
+        if result.blocked and rec.state not in ("held", "destroying"):
+            await self._hold(rec, p, f"scanner blocked {stream} output")
+        if result.blocked or rec.state == "held":
+            if out is not None and not (ctx and ctx.held_sent):
+                if ctx:
+                    ctx.held_sent = True
+                await out.send({"event": "held", "reason": rec.held_reason})
             return True
-        if result.released and out is not None:
-            await out.send(_chunk_event(stream, result.released))
+        if result.released:
+            self._audit_output(rec, p, stream, result.released, bool(result.findings), ctx)
+            if out is not None:
+                await out.send(_chunk_event(stream, result.released))
         return False
+
+    def _audit_finding(self, rec, p, stream, fd: dict, ctx):
+        """Rule, where, and a salted fingerprint: never the matched text (nor its preview)."""
+        offset = fd.get("start")
+        base = ctx.offsets.get(stream, 0) if ctx else 0
+        self._record("scan_finding", p, sandbox=rec.id, resource=str(fd.get("rule")),
+                     details={"exec_id": ctx.exec_id if ctx else None, "rule": fd.get("rule"),
+                              "kind": fd.get("kind"), "action": fd.get("action"),
+                              "stream": stream, "offset": offset,
+                              "length": (fd["end"] - fd["start"]) if isinstance(fd.get("end"), int)
+                              and isinstance(offset, int) else None, "stream_base": base,
+                              "hash": self.audit.finding_hash(str(fd.get("hash")))})
+        if self.esc is not None:
+            self.esc.observe_finding(rec.id, str(fd.get("rule")),
+                                     {"stream": stream, "offset": offset, "action": fd.get("action")})
+
+    def _audit_output(self, rec, p, stream, data: bytes, redacted: bool, ctx):
+        """One released chunk: what the client receives (already scanned and redacted)."""
+        if ctx is None:
+            return
+        ctx.nbytes += len(data)
+        ctx.offsets[stream] = ctx.offsets.get(stream, 0) + len(data)
+        ev = _chunk_event(stream, data)
+        self._record("output", p, sandbox=rec.id, resource=stream,
+                     details={"exec_id": ctx.exec_id, "stream": stream, "bytes": len(data),
+                              "sha256": hashlib.sha256(data).hexdigest(),
+                              "verdict": "redacted" if redacted else "release",
+                              **({"text": ev["data"]} if "data" in ev else {})})
+
+    async def _durable_or_error(self, out) -> bool:
+        try:
+            await self.audit.durable()
+            return True
+        except Exception as e:  # noqa: BLE001 - fail closed: no exit event without its record
+            log.error("audit log failed; not acknowledging the exec: %s", e)
+            if out is not None:
+                await out.send({"event": "error", "error": "AuditUnavailable",
+                                "message": "the audit log could not record this command"})
+            return False
+
+    def _escalation_freeze(self, sandbox_id: str):
+        """Escalations' freeze_cb: a critical escalation freezes the sandbox and holds it
+        for an operator, exactly like a scanner block."""
+        rec = self.registry.get(sandbox_id)
+        if rec is None or rec.handle is None or rec.state in ("held", "destroying", "dead"):
+            return
+        rec.handle.freeze()
+        rec.state, rec.held_reason = "held", "critical escalation: waiting for an operator"
+        self.metrics.held += 1
+        self._record("daemon_hold", None, sandbox=rec.id, outcome="held",
+                     details={"why": "critical escalation"})
 
     async def _hold(self, rec: SandboxRecord, p, reason: str):
         """Freeze the sandbox (cgroup freeze) and wait for an operator."""
@@ -577,10 +683,20 @@ class Daemon:
         self._record("daemon_hold", p, sandbox=rec.id, outcome="held", details={"why": reason})
         log.warning("sandbox %s held: %s", rec.id, reason)
 
-    async def _finish_exec(self, rec, p, task, out):
+    async def _finish_exec(self, rec, p, task, out, ctx):
+        if out is None:           # a held command's background drain: record how it ended
+            out = _Emitter(None)
+            out.gone = True
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - reported below through task.result()
+                pass
         try:
             res = task.result()
         except SandboxError as e:
+            self._record("exec_end", p, sandbox=rec.id, outcome="error",
+                         details={"exec_id": ctx.exec_id, "error": type(e).__name__})
+            await self._durable_or_error(out)
             await out.send({"event": "error", "error": type(e).__name__, "message": str(e)})
             return
         except Exception as e:  # noqa: BLE001
@@ -589,12 +705,23 @@ class Daemon:
                             "message": f"internal error: {type(e).__name__}"})
             return
         self._note_death(rec)
+        usage = json.loads(json.dumps(res.usage, default=str))
+        self._record("exec_end", p, sandbox=rec.id,
+                     outcome="ok" if res.exit_code == 0 else "failed",
+                     details={"exec_id": ctx.exec_id, "exit_code": res.exit_code,
+                              "signal": res.signal, "reason": res.reason, "usage": usage,
+                              "duration": res.duration, "released_bytes": ctx.nbytes})
+        if self.esc is not None:
+            self.esc.observe_usage(rec.id, res.usage, rec.policy.limits)
+            self.esc.observe_output_volume(rec.id, ctx.nbytes,
+                                           rec.policy.scanner.expected_output)
+        if not await self._durable_or_error(out):
+            return
         if res.reason in _LIMIT_REASONS:
             await out.send({"event": "limit", "limit": res.reason, "text": res.reason_text})
         await out.send({"event": "exit", "exit_code": res.exit_code, "signal": res.signal,
                         "reason": res.reason, "reason_text": res.reason_text,
-                        "usage": json.loads(json.dumps(res.usage, default=str)),
-                        "duration": res.duration})
+                        "usage": usage, "duration": res.duration})
 
     def _note_death(self, rec: SandboxRecord):
         """A command timeout (or the lifetime) kills the whole sandbox: say so in its state."""
@@ -650,8 +777,10 @@ class Daemon:
         for fd in findings:
             rec.findings += 1
             self.metrics.findings[(str(fd.get("rule", "?")), str(fd.get("action", "?")))] += 1
-        if any(r.blocked for r in results):
+            self._audit_finding(rec, p, "file", fd, None)
+        if any(r.blocked for r in results) and rec.state not in ("held", "destroying"):
             await self._hold(rec, p, f"scanner blocked file {path[:200]}")
+        if any(r.blocked for r in results) or rec.state == "held":
             self._record("daemon_file_out", p, sandbox=rec.id, resource=path, outcome="withheld")
             return web.json_response({"error": "Withheld", "message": f"{path}: withheld by the "
                                       f"scanner; sandbox {rec.id} is held for an operator",
@@ -749,6 +878,54 @@ class Daemon:
                                       action=q.get("action"), since_seq=since, limit=limit)
         return web.json_response({"records": json.loads(json.dumps(records, default=str))})
 
+    def _audit_dir(self):
+        d = getattr(self.audit, "dir", None)
+        if d is None:
+            raise StateError("this daemon runs without an audit log")
+        return d
+
+    async def audit_replay(self, request):
+        """One sandbox's timeline (sandbox.audit.replay): commands, output, denials, end."""
+        self._need_admin(request)
+        sid = request.match_info["id"]
+        if not valid_sandbox_id(sid):
+            raise BadRequest("sandbox: a sandbox id (sb- and 12 hex digits)")
+        d = self._audit_dir()
+        await self.audit.flush_async()
+        from sandbox.audit.replay import replay
+        tl = await call_blocking(replay, d.parent, sid)
+        return web.json_response(json.loads(json.dumps(tl, default=str)))
+
+    async def audit_verify(self, request):
+        """Check the whole hash chain (sandbox.audit.verify); names the first bad record."""
+        self._need_admin(request)
+        d = self._audit_dir()
+        await self.audit.flush_async()
+        from sandbox.audit.verify import verify
+        rep = await call_blocking(verify, d)
+        return web.json_response(json.loads(json.dumps(rep.to_dict(), default=str)))
+
+    # -- escalations ----------------------------------------------------------------------
+    async def list_escalations(self, request):
+        self._need_admin(request)
+        unknown = set(request.query) - {"all", "sandbox"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+        items = [] if self.esc is None else self.esc.list(
+            all=request.query.get("all", "") in ("1", "true", "yes"),
+            sandbox=request.query.get("sandbox"))
+        return web.json_response({"escalations": json.loads(json.dumps(items, default=str))})
+
+    async def ack_escalation(self, request):
+        p = self._need_admin(request)
+        if self.esc is None:
+            raise NotFoundError("no escalations in this daemon")
+        eid = request.match_info["id"]
+        if not re.fullmatch(r"esc-[0-9a-f]{1,32}", eid):
+            raise NotFoundError(f"no escalation {eid[:40]!r}")
+        esc = self.esc.ack(eid, p.peer.uid)
+        return web.json_response(json.loads(json.dumps(esc, default=str)))
+
     # -- lifecycle ------------------------------------------------------------------------
     def _make_socket(self) -> socket.socket:
         path = Path(self.config.socket_path)
@@ -845,6 +1022,16 @@ class Daemon:
         except FileNotFoundError:
             pass
         self._record("daemon_stop", None, details={"pid": os.getpid()})
+
+
+class _ExecAudit:
+    """Per-command audit state: its id, released bytes, offsets per stream."""
+
+    def __init__(self, exec_id: str):
+        self.exec_id = exec_id
+        self.nbytes = 0
+        self.offsets: dict[str, int] = {}
+        self.held_sent = False
 
 
 class _Emitter:

@@ -106,6 +106,58 @@ class DaemonProc:
         assert not left, f"the daemon left: {left}"
 
 
+class InProcDaemon:
+    """The real daemon (main.assemble: real engine, hash-chained log, escalations) on an
+    event loop in a thread of the test process, so a test can hook the log's fsync.
+    Sandboxes use the default policy (network mode "none": no host-side network)."""
+
+    def __init__(self, fsync=None):
+        import asyncio
+        import threading
+        from sandbox.audit.log import AuditLog
+        from sandbox.daemon.config import DaemonConfig
+        from sandbox.daemon.engine import RealEngine
+        from sandbox.daemon.main import assemble
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"sbxt-{os.getpid()}-inproc-"))
+        self.socket = str(self.tmp / "d.sock")
+        self.state = self.tmp / "state"
+        self.config = DaemonConfig(socket_path=Path(self.socket), state_dir=self.state,
+                                   run_dir=self.tmp / "run", client_group="nogroup",
+                                   admin_group="sbxt-noadmin", network_sweep=False)
+        self.log = AuditLog(self.state, **({"fsync": fsync} if fsync else {}), mirror=None)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.daemon = None
+        try:
+            self.daemon = self._run(assemble(self.config, self.log, RealEngine(self.tmp / "run")))
+            self._run(self.daemon.start())
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro):
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def close(self):
+        import shutil
+        try:
+            if self.daemon is not None:
+                self._run(self.daemon.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.log.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def cgroup_frozen(pid: int) -> bool:
     """Is the process's cgroup2 frozen? (cgroup.events 'frozen 1', cgroup-v2.rst)."""
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():

@@ -66,7 +66,7 @@ def human_age(seconds) -> str:
 
 
 def ps_table(sandboxes: list[dict]) -> str:
-    cols = ("ID", "TOKEN", "POLICY", "STATE", "AGE", "CPU", "MEMORY", "PIDS", "NET")
+    cols = ("ID", "TOKEN", "POLICY", "STATE", "AGE", "CPU", "MEMORY", "PIDS", "NET", "ESC")
     rows = [cols]
     for s in sandboxes:
         u = s.get("usage") or {}
@@ -75,7 +75,8 @@ def ps_table(sandboxes: list[dict]) -> str:
                      human_age(s.get("age")),
                      f"{u['cpu_seconds']:.2f}s" if isinstance(u.get("cpu_seconds"), (int, float)) else "-",
                      human_bytes(u.get("memory_current", u.get("memory"))),
-                     str(u.get("pids_current", u.get("pids", "-"))), human_bytes(net)))
+                     str(u.get("pids_current", u.get("pids", "-"))), human_bytes(net),
+                     str(s.get("escalations", "-"))))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(cols))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
