@@ -17,6 +17,14 @@
 
 #include "sbx_internal.h"
 
+/* The raw set*id syscalls, not glibc's wrappers: glibc applies set*id to every thread it
+ * knows of (nptl/nptl_setxid.c: it signals them and waits on a futex). This child was cloned
+ * from a multithreaded daemon, so glibc still lists threads that do not exist here, and its
+ * setresuid() would wait for them forever (seen: the child hung in setxid_mark_thread). The
+ * child has exactly one thread, so the plain syscall is the whole job. */
+static int sbx_setresgid(gid_t g) { return (int)syscall(SYS_setresgid, g, g, g); }
+static int sbx_setresuid(uid_t u) { return (int)syscall(SYS_setresuid, u, u, u); }
+
 static int setattr(const char *dst, uint64_t attr_set, int recursive, struct sbx_error *e)
 {
     struct mount_attr attr;
@@ -210,8 +218,8 @@ static int drop_privileges(const struct sbx_plan *p, int last_cap, struct sbx_er
     SBX_TRY(e, "capabilities", prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
             "ambient set");
     SBX_TRY(e, "capabilities", prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs");
-    SBX_TRY(e, "identity", setresgid(p->gid, p->gid, p->gid), "agent gid");
-    SBX_TRY(e, "identity", setresuid(p->uid, p->uid, p->uid), "agent uid");
+    SBX_TRY(e, "identity", sbx_setresgid(p->gid), "agent gid");
+    SBX_TRY(e, "identity", sbx_setresuid(p->uid), "agent uid");
     struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
     struct __user_cap_data_struct data[2];
     memset(data, 0, sizeof data);
@@ -297,8 +305,8 @@ static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int
     if (root_fd < 0)
         return sbx_fail(e, "mounts", "open", p->root);
     /* root of our user namespace: owns the new mount ns, may build in it */
-    SBX_TRY(e, "identity", setresgid(0, 0, 0), "root gid in the user namespace");
-    SBX_TRY(e, "identity", setresuid(0, 0, 0), "root uid in the user namespace");
+    SBX_TRY(e, "identity", sbx_setresgid(0), "root gid in the user namespace");
+    SBX_TRY(e, "identity", sbx_setresuid(0), "root uid in the user namespace");
     if (p->hostname)
         SBX_TRY(e, "hostname", sethostname(p->hostname, strlen(p->hostname)), p->hostname);
     if (build_filesystem(p, root_fd, e) < 0)

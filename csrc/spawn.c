@@ -11,6 +11,7 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -76,6 +77,9 @@ int sbx_send_msg(int fd, int kind, const struct sbx_error *e)
     while (n < 0 && errno == EINTR);
     return n == (ssize_t)sizeof m ? 0 : -1;
 }
+
+/* How long the parent waits for each message of the child's setup. */
+#define SBX_SETUP_TIMEOUT_S 30
 
 int sbx_recv_msg(int fd, struct sbx_msg *m)
 {
@@ -247,6 +251,14 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
     /* The child exists once clone3 returns: limit and map it right away (it waits for
      * MSG_MAPS_WRITTEN before doing anything), then collect its READY; one round trip
      * less on the hot path. */
+    /* A child that neither reports nor dies (a bug, or a host so loaded it cannot finish)
+     * must not hold this thread forever: recv fails with EAGAIN after the timeout and the
+     * child is killed like any other failed setup (socket(7) SO_RCVTIMEO). */
+    struct timeval tmo = {.tv_sec = SBX_SETUP_TIMEOUT_S};
+    if (setsockopt(sync[0], SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof tmo) < 0) {
+        sbx_fail(e, "clone", "setsockopt", "setup timeout");
+        goto fail_child;
+    }
     if (join_v1_cgroups(p, (int)pid, e) < 0 || write_maps(p, (int)pid, e) < 0)
         goto fail_child;
     if (sbx_recv_msg(sync[0], &m) < 0 || m.kind != MSG_CHILD_READY) {

@@ -360,3 +360,36 @@ def test_cli_without_root_is_one_clear_line(state_dir):
                         SANDBOXCTL, "run", "--", "true"], capture_output=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.decode().count("\n") == 1 and b"needs root" in r.stderr
+
+
+def test_spawn_from_a_busy_multithreaded_process_never_hangs(state_dir):
+    """The daemon clones sandboxes while its other threads come and go. The clone3 child
+    inherits glibc's list of those threads; glibc's setresuid() wrapper then waits for a
+    thread that was being created at clone time and never exists in the child (seen: a child
+    hung forever in setxid_mark_thread, holding the daemon's fds). The child must use raw
+    syscalls; this would hang (and fail at the spawn timeout) without that."""
+    import threading
+
+    from sandbox.runtime.sandbox import Sandbox
+    from tests.helpers.engine import engine_policy
+
+    stop = threading.Event()
+
+    def churn():  # keep threads in the middle of being created
+        while not stop.is_set():
+            ts = [threading.Thread(target=lambda: None) for _ in range(8)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for t in churners:
+        t.start()
+    try:
+        for _ in range(25):
+            Sandbox.create(engine_policy(), state_dir=state_dir).destroy()
+    finally:
+        stop.set()
+        for t in churners:
+            t.join()
