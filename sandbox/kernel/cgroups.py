@@ -35,7 +35,9 @@ from pathlib import Path
 from sandbox.errors import CgroupError, TeardownError
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
-DEFAULT_PARENT = "sandboxd"
+# The subtree sandboxes go in when not delegated by systemd. SANDBOXD_CGROUP_PARENT lets a
+# test run (or a second daemon) keep its cgroups apart from the host's real daemon.
+DEFAULT_PARENT = os.environ.get("SANDBOXD_CGROUP_PARENT", "sandboxd").strip("/") or "sandboxd"
 CFS_PERIOD_US = 100_000          # the kernel's default period; quota = cpus * period
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer", "blkio", "cpuset", "devices",
                    "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc")

@@ -48,7 +48,8 @@ from pathlib import Path
 
 from sandbox.errors import MountError, TeardownError, UnsupportedError
 
-DEFAULT_BASE = Path("/var/lib/sandboxd/disks")
+# Where disk images live. SANDBOXD_DISK_BASE lets a test run keep its images apart.
+DEFAULT_BASE = Path(os.environ.get("SANDBOXD_DISK_BASE") or "/var/lib/sandboxd/disks")
 HEADROOM = 1024**3        # free space always left to the host (at most 10% of its filesystem)
 MKFS = "/usr/sbin/mkfs.ext4"
 # linux/loop.h
