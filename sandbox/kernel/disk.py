@@ -42,6 +42,7 @@ import fcntl
 import os
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ def _template(base: Path, size: int) -> Path:
     path = tdir / f"ext4-z-b{BLOCK}-{size}.img"      # z: inode tables zeroed
     if path.exists():
         return path
-    tmp = tdir / f".ext4-{size}.{os.getpid()}.tmp"
+    # One temporary name per maker: threads of one daemon make templates concurrently too.
+    tmp = tdir / f".ext4-{size}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.truncate(size)
@@ -141,7 +143,10 @@ def _sparse_copy(src: Path, dst: Path):
 # ---------------------------------------------------------------------------- room on the host
 
 def _unwritten(img: Path) -> int:
-    st = img.stat()
+    try:
+        st = img.stat()
+    except FileNotFoundError:  # removed by a concurrent destroy since the listing
+        return 0
     return max(0, st.st_size - st.st_blocks * 512)
 
 

@@ -110,3 +110,28 @@ def test_remove_while_a_host_process_holds_a_file(base, monkeypatch):
         f.close()
     disk.cleanup({"image": str(d.image), "mountpoint": str(d.mountpoint), "loopdev": d.loopdev})
     _gone(d)
+
+
+def test_concurrent_creates_and_removes_in_one_process(base):
+    """The daemon makes disks from several threads at once: the first template of a size
+    and the host-room check must not trip over each other (seen: a shared temporary name
+    gave corrupt templates that failed to mount with EIO, and an image removed between the
+    room check's listing and its stat failed the create)."""
+    import threading
+    errors = []
+
+    def worker(i):
+        for j in range(6):
+            try:
+                d = disk.create(f"sbxt-{os.getpid()}-c{i}-{j}", SMALL.disk, base=base)
+                d.remove()
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not list((base / "images").iterdir()) and not list((base / "mnt").iterdir())
