@@ -38,6 +38,20 @@ def test_limits_are_written(made):
     assert len(cg.v1_procs()) == len(v1) and all(p.endswith("/cgroup.procs") for p in cg.v1_procs())
 
 
+def test_hybrid_leaves_freezer_and_cpuacct_to_cgroup2(made):
+    """cgroup2's core files freeze, kill and count CPU time: the v1 freezer and cpuacct
+    hierarchies are not used when a cgroup2 directory exists, and those controls work."""
+    cg = made.create("corev2")
+    assert set(cg.v1_dirs) == {"memory", "pids", "cpu"}
+    layout = cgroups.host_layout()
+    parent = L.parent_name()
+    for ctrl in ("freezer", "cpuacct"):
+        assert not (layout.v1[ctrl] / parent / "corev2").exists()
+    p = made.start(cg, L.python("sum(range(3 * 10**6))"))
+    p.wait(timeout=30)
+    assert cg.usage()["cpu_seconds"] > 0
+
+
 def test_fork_bomb_stops_at_pids_limit(made):
     L.check_fork_bomb(made)
 
