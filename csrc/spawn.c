@@ -248,9 +248,15 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
     close(ctl[1]);
     sync[1] = ctl[1] = -1;
 
-    /* The child exists once clone3 returns: limit and map it right away (it waits for
+    /* The child exists once clone3 returns: map it right away (it waits for
      * MSG_MAPS_WRITTEN before doing anything), then collect its READY; one round trip
-     * less on the hot path. */
+     * less on the hot path. The v1 cgroup joins come after MAPS_WRITTEN, while the child
+     * builds its mounts: the first v1 migration after a pause waits for an RCU grace period
+     * (cgroup_threadgroup_rwsem is a percpu rwsem; its writer goes through rcu_sync, ~7 ms
+     * measured here), and the child's setup is our own code that forks nothing, so nothing
+     * of the agent's runs before every limit holds: SETUP_DONE is read only after the joins,
+     * and no command can be sent before sbx_spawn returns. The child is in the cgroup2
+     * directory from the start (CLONE_INTO_CGROUP). */
     /* A child that neither reports nor dies (a bug, or a host so loaded it cannot finish)
      * must not hold this thread forever: recv fails with EAGAIN after the timeout and the
      * child is killed like any other failed setup (socket(7) SO_RCVTIMEO). */
@@ -259,7 +265,7 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
         sbx_fail(e, "clone", "setsockopt", "setup timeout");
         goto fail_child;
     }
-    if (join_v1_cgroups(p, (int)pid, e) < 0 || write_maps(p, (int)pid, e) < 0)
+    if (write_maps(p, (int)pid, e) < 0)
         goto fail_child;
     if (sbx_recv_msg(sync[0], &m) < 0 || m.kind != MSG_CHILD_READY) {
         sbx_fail(e, "clone", "recv", "child did not report ready");
@@ -269,6 +275,8 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
         sbx_fail(e, "clone", "send", "maps written");
         goto fail_child;
     }
+    if (join_v1_cgroups(p, (int)pid, e) < 0)
+        goto fail_child;
     if (sbx_recv_msg(sync[0], &m) < 0) {
         sbx_fail(e, "setup", "recv", "child died during setup");
         goto fail_child;
