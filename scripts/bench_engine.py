@@ -61,6 +61,8 @@ def engine_once(policy, state_dir, steps: dict, destroy_t: list):
     t0 = time.perf_counter()
     sb.destroy()
     destroy_t.append(time.perf_counter() - t0)
+    for name, sec in sb.lifecycle.undo_timings().items():
+        steps["undo " + name].append(sec)
 
 
 def main():

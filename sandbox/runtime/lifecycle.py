@@ -38,6 +38,7 @@ class Lifecycle:
     sandbox_id: str
     audit: AuditSink = NULL_SINK
     done: list[_Done] = field(default_factory=list)
+    undone: dict[str, float] = field(default_factory=dict)   # step -> seconds its undo took
 
     def run(self, step: Step) -> Any:
         t0 = time.perf_counter()
@@ -70,8 +71,10 @@ class Lifecycle:
                 self.audit.record("teardown_step", sandbox=self.sandbox_id, resource=d.step.name,
                                   outcome="skipped", details={"reason": "earlier teardown failed"})
                 continue
+            t0 = time.perf_counter()
             try:
                 d.step.undo(d.result)
+                self.undone[d.step.name] = time.perf_counter() - t0
                 self.audit.record("teardown_step", sandbox=self.sandbox_id, resource=d.step.name,
                                   outcome="ok")
             except Exception as e:  # noqa: BLE001 - every undo must run; failures are reported
@@ -87,3 +90,7 @@ class Lifecycle:
 
     def timings(self) -> dict[str, float]:
         return {d.step.name: d.seconds for d in self.done}
+
+    def undo_timings(self) -> dict[str, float]:
+        """Seconds each successful undo took (after unwind)."""
+        return dict(self.undone)
