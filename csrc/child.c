@@ -229,10 +229,19 @@ static int drop_privileges(const struct sbx_plan *p, int last_cap, struct sbx_er
     return 0;
 }
 
-/* Keep fds a and b (moved above 2), point 0-2 at /dev/null, close everything else:
- * nothing of the caller (terminal, sockets, files) stays reachable from init. */
-static int reset_fds(int *a, int *b, struct sbx_error *e)
+/* Point 0-2 at /dev/null and move keep[i] to fd 3+i (init's fixed fds, sbx_internal.h),
+ * close-on-exec for now; close everything else: nothing of the caller (terminal, sockets,
+ * files, mount fds not used) stays reachable from init. */
+static int reset_fds(int *keep, int n, struct sbx_error *e)
 {
+    /* first above every target (0-2 and 3..3+n-1), so nothing below overwrites an fd
+     * that is still needed (the caller may have run with 0-2 closed) */
+    int high[8];
+    for (int i = 0; i < n; i++) {
+        high[i] = fcntl(keep[i], F_DUPFD_CLOEXEC, 3 + n);
+        if (high[i] < 0)
+            return sbx_fail(e, "fds", "fcntl", "move the kept fds");
+    }
     int nul = open("/dev/null", O_RDWR | O_CLOEXEC);
     if (nul < 0)
         return sbx_fail(e, "fds", "open", "/dev/null");
@@ -241,63 +250,42 @@ static int reset_fds(int *a, int *b, struct sbx_error *e)
             SBX_TRY(e, "fds", dup2(nul, fd), "stdio");
     if (nul > 2)
         close(nul);
-    int lo = *a < *b ? *a : *b, hi = *a < *b ? *b : *a;
-    if (lo > 3)
-        close_range(3, lo - 1, 0);
-    if (hi > lo + 1)
-        close_range(lo + 1, hi - 1, 0);
-    close_range(hi + 1, ~0U, 0);
+    for (int i = 0; i < n; i++) {
+        SBX_TRY(e, "fds", dup3(high[i], 3 + i, O_CLOEXEC), "kept fds");
+        keep[i] = 3 + i;
+    }
+    close_range(3 + n, ~0U, 0);
     return 0;
 }
 
-/* init's memory is a copy of the caller's, including its argv block, which
- * /proc/1/cmdline shows to anyone (unlike environ, it needs no ptrace access): blank the
- * caller's argv and environment strings in our copy. Fields 48-51 of /proc/self/stat are
- * arg_start, arg_end, env_start, env_end (proc(5)); read before /proc is replaced. */
-static int scrub_cmdline(struct sbx_error *e)
+/* The seccomp program for init, in a pipe it reads once (sbx_internal.h: it fits). */
+static int filter_pipe(const struct sbx_plan *p, struct sbx_error *e)
 {
-    char buf[2048];
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return sbx_fail(e, "scrub", "open", "/proc/self/stat");
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return sbx_fail(e, "scrub", "read", "/proc/self/stat");
-    buf[n] = 0;
-    char *s = strrchr(buf, ')'); /* comm may hold spaces: fields restart after it */
-    unsigned long v[4] = {0};
-    int field = 2;
-    for (; s && *s; s++) {
-        if (*s != ' ')
-            continue;
-        field++;
-        if (field >= 48 && field <= 51) {
-            unsigned long x = 0;
-            for (char *d = s + 1; *d >= '0' && *d <= '9'; d++)
-                x = x * 10 + (unsigned long)(*d - '0');
-            v[field - 48] = x;
-        }
+    int fds[2];
+    struct sbx_filter_hdr h = {(uint32_t)p->seccomp_bpf_len, (uint32_t)p->seccomp_notify};
+    if (p->seccomp_bpf_len < 0 || p->seccomp_bpf_len > SBX_FILTER_MAX) {
+        errno = E2BIG;
+        return sbx_fail(e, "seccomp", "plan", "program larger than BPF_MAXINSNS");
     }
-    if (field < 51 || v[1] < v[0] || v[3] < v[2]) {
-        errno = EINVAL;
-        return sbx_fail(e, "scrub", "parse", "/proc/self/stat");
+    SBX_TRY(e, "seccomp", pipe2(fds, O_CLOEXEC), "filter pipe");
+    if (write(fds[1], &h, sizeof h) != (ssize_t)sizeof h ||
+        (h.len && write(fds[1], p->seccomp_bpf, h.len) != (ssize_t)h.len)) {
+        sbx_fail(e, "seccomp", "write", "filter pipe");
+        close(fds[0]);
+        close(fds[1]);
+        return -1;
     }
-    memset((void *)v[0], 0, v[1] - v[0]);
-    memset((void *)v[2], 0, v[3] - v[2]);
-    return 0;
+    close(fds[1]);
+    return fds[0];
 }
 
-static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int *ctl_fd,
-                       struct sbx_error *e)
+static int child_setup(const struct sbx_plan *p, int last_cap, int *keep, struct sbx_error *e)
 {
     umask(0);
     if (p->test_fail_step == 1) {
         errno = EPERM;
         return sbx_fail(e, "test", "injected", "failure injected by a test");
     }
-    if (scrub_cmdline(e) < 0)
-        return -1;
     prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0); /* what `ps` on the host shows */
     /* Still host uid 0 (unmapped here, but the owner of the state dir): open our root's
      * mount point in our own mount namespace now, while we can walk to it. */
@@ -311,7 +299,11 @@ static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int
         SBX_TRY(e, "hostname", sethostname(p->hostname, strlen(p->hostname)), p->hostname);
     if (build_filesystem(p, root_fd, e) < 0)
         return -1;
-    if (reset_fds(sync_fd, ctl_fd, e) < 0)
+    keep[2] = filter_pipe(p, e);
+    if (keep[2] < 0)
+        return -1;
+    keep[3] = p->init_fd;
+    if (reset_fds(keep, 4, e) < 0)
         return -1;
     if (drop_privileges(p, last_cap, e) < 0)
         return -1;
@@ -320,33 +312,40 @@ static int child_setup(const struct sbx_plan *p, int last_cap, int *sync_fd, int
     return 0;
 }
 
+/* Become init: execveat(2) the init program from its fd (opened by the parent on the
+ * host; AT_EMPTY_PATH needs no path in our new root). The exec drops our copy of the
+ * caller's memory (a clone3 copy of the whole daemon: its heap, and every page the daemon
+ * writes later copied for us while we live) and its argv/environ, which /proc/1/cmdline
+ * and /proc/1/environ would show. Only returns on failure. */
+static int exec_init(struct sbx_error *e)
+{
+    for (int fd = SBX_FD_SYNC; fd <= SBX_FD_FILTER; fd++)
+        SBX_TRY(e, "init", fcntl(fd, F_SETFD, 0), "keep init's fds across exec");
+    char *const argv[] = {"sandbox-init", NULL}, *const envp[] = {NULL};
+    syscall(SYS_execveat, SBX_FD_EXE, "", argv, envp, AT_EMPTY_PATH);
+    return sbx_fail(e, "init", "execveat", SBX_INIT_EXE);
+}
+
 void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd, int last_cap)
 {
     struct sbx_error e;
     struct sbx_msg m;
     memset(&e, 0, sizeof e);
     /* the caller's handlers (Python's C signal handler writes to its wakeup fd) must never
-     * run here: default dispositions, nothing blocked but what init blocks itself */
+     * run here: default dispositions, nothing blocked */
     for (int sig = 1; sig < NSIG; sig++)
         signal(sig, SIG_DFL);
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    /* fds above the caller's stdio, so reset_fds can keep them (fcntl: lowest free >= 3) */
-    sync_fd = fcntl(sync_fd, F_DUPFD_CLOEXEC, 3);
-    ctl_fd = fcntl(ctl_fd, F_DUPFD_CLOEXEC, 3);
-    if (sync_fd < 0 || ctl_fd < 0)
-        _exit(120);
     if (sbx_send_msg(sync_fd, MSG_CHILD_READY, NULL) < 0)
         _exit(121);
     if (sbx_recv_msg(sync_fd, &m) < 0 || m.kind != MSG_MAPS_WRITTEN)
         _exit(122); /* the parent died or gave up: nothing to report to */
-    if (child_setup(p, last_cap, &sync_fd, &ctl_fd, &e) < 0) {
-        sbx_send_msg(sync_fd, MSG_ERROR, &e);
+    int keep[4] = {sync_fd, ctl_fd, -1, -1};
+    if (child_setup(p, last_cap, keep, &e) < 0 || exec_init(&e) < 0) {
+        sbx_send_msg(keep[0], MSG_ERROR, &e);
         _exit(123);
     }
-    if (sbx_send_msg(sync_fd, MSG_SETUP_DONE, NULL) < 0)
-        _exit(124);
-    close(sync_fd);
-    sbx_init_loop(p, ctl_fd);
+    _exit(124); /* not reached: exec_init returns only on failure */
 }

@@ -1,10 +1,11 @@
-/* init: pid 1 of the sandbox. Serves exec requests on the control socket, reaps every
- * zombie, forwards SIGTERM/SIGINT/SIGHUP to running commands, reports each command's
+/* init: pid 1 of the sandbox, its own small static executable (linked by setup.py from
+ * this file and common.c; the child executes it once the sandbox is built, see
+ * sbx_internal.h for the fds it gets). Serves exec requests on the control socket, reaps
+ * every zombie, forwards SIGTERM/SIGINT/SIGHUP to running commands, reports each command's
  * exit on its report socket, exits when the control socket closes (the pid namespace
- * dies with it). Single threaded, but its memory is a raw clone3 copy of a threaded
- * process: no malloc, no stdio, and commands start with clone(CLONE_VM | CLONE_VFORK)
- * rather than fork() (glibc's fork takes the malloc locks a vanished thread may hold, and
- * copying the page tables of a copy of the caller's whole address space is slow). */
+ * dies with it). No malloc and no stdio (nothing to initialise, nothing to lock), and
+ * commands start with clone(CLONE_VM | CLONE_VFORK) rather than fork(): no page tables to
+ * copy, init waits until the command's execve. */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/filter.h>
@@ -106,17 +107,23 @@ static void exec_path(char **argv, char **envp)
 /* The seccomp slot: the very last step before execve, after no_new_privs (set in init
  * and inherited). With NEW_LISTENER the listener fd goes to the parent first, so the
  * supervisor holds it before the first notified syscall can happen. */
-static int install_seccomp(const struct sbx_plan *p, int report_fd)
+/* The command's seccomp program, read once from the child's pipe (SBX_FD_FILTER). */
+static struct {
+    struct sbx_filter_hdr h;
+    struct sock_filter prog[SBX_FILTER_MAX / sizeof(struct sock_filter)];
+} filter;
+
+static int install_seccomp(int report_fd)
 {
-    if (p->seccomp_bpf_len <= 0)
+    if (filter.h.len == 0)
         return 0;
-    struct sock_fprog prog = {(unsigned short)(p->seccomp_bpf_len / sizeof(struct sock_filter)),
-                              (struct sock_filter *)p->seccomp_bpf};
-    unsigned int flags = p->seccomp_notify ? SECCOMP_FILTER_FLAG_NEW_LISTENER : 0;
+    struct sock_fprog prog = {(unsigned short)(filter.h.len / sizeof(struct sock_filter)),
+                              filter.prog};
+    unsigned int flags = filter.h.notify ? SECCOMP_FILTER_FLAG_NEW_LISTENER : 0;
     long fd = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
     if (fd < 0)
         return -1;
-    if (p->seccomp_notify) {
+    if (filter.h.notify) {
         report(report_fd, SBX_R_LISTENER, (int)getpid(), 0, 0, "", (int)fd);
         close((int)fd);
     }
@@ -124,7 +131,6 @@ static int install_seccomp(const struct sbx_plan *p, int report_fd)
 }
 
 struct command {
-    const struct sbx_plan *p;
     const int *fds;
     const char *cwd;
     char **argv, **envp;
@@ -135,7 +141,6 @@ struct command {
 static int command_child(void *arg)
 {
     const struct command *c = arg;
-    const struct sbx_plan *p = c->p;
     const int *fds = c->fds;
     const char *cwd = c->cwd;
     char **argv = c->argv, **envp = c->envp;
@@ -164,7 +169,7 @@ static int command_child(void *arg)
     if (chdir(cwd) < 0)
         goto fail;
     what = "seccomp";
-    if (install_seccomp(p, rep) < 0)
+    if (install_seccomp(rep) < 0)
         goto fail;
     exec_path(argv, envp);
     report(rep, SBX_R_EXEC_FAILED, (int)getpid(), 0, errno, "execve", -1);
@@ -209,7 +214,7 @@ static int parse_request(size_t n, const char **cwd, char ***argv, char ***envp)
     return 0;
 }
 
-static void handle_request(const struct sbx_plan *p, int ctl)
+static void handle_request(int ctl)
 {
     int fds[4], nfds = 0;
     union {
@@ -252,7 +257,7 @@ static void handle_request(const struct sbx_plan *p, int ctl)
         if (cmds[i].pid == 0)
             slot = i;
     static char stack[64 * 1024] __attribute__((aligned(16)));
-    struct command cmd = {p, fds, cwd, argv, envp};
+    struct command cmd = {fds, cwd, argv, envp};
     long pid = slot < 0 ? (errno = EAGAIN, -1)
                         : clone(command_child, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD,
                                 &cmd);
@@ -288,7 +293,7 @@ static void forward(int sig)
             kill(-cmds[i].pid, sig); /* the command's process group (its own session) */
 }
 
-void sbx_init_loop(const struct sbx_plan *p, int ctl)
+static __attribute__((noreturn)) void init_loop(int ctl)
 {
     sigset_t set;
     sigemptyset(&set);
@@ -317,6 +322,50 @@ void sbx_init_loop(const struct sbx_plan *p, int ctl)
                 forward((int)si.ssi_signo);
         }
         if (pfd[0].revents & (POLLIN | POLLHUP | POLLERR))
-            handle_request(p, ctl);
+            handle_request(ctl);
     }
+}
+
+static int read_full(int fd, void *buf, size_t len)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, (char *)buf + got, len - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        got += (size_t)n;
+    }
+    return 0;
+}
+
+static int start(struct sbx_error *e)
+{
+    /* execve made us dumpable again (our creds did not change): the agent, same uid, must
+     * not ptrace us or read /proc/1/mem; nothing of the agent's runs before this */
+    SBX_TRY(e, "init", prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable");
+    prctl(PR_SET_NAME, "sandbox-init", 0, 0, 0); /* what `ps` on the host shows */
+    if (read_full(SBX_FD_FILTER, &filter.h, sizeof filter.h) < 0 ||
+        filter.h.len > sizeof filter.prog || filter.h.len % sizeof(struct sock_filter) ||
+        (filter.h.len && read_full(SBX_FD_FILTER, filter.prog, filter.h.len) < 0)) {
+        errno = EPROTO;
+        return sbx_fail(e, "init", "read", "seccomp program");
+    }
+    close(SBX_FD_FILTER);
+    return 0;
+}
+
+int main(void)
+{
+    struct sbx_error e;
+    memset(&e, 0, sizeof e);
+    if (start(&e) < 0) {
+        sbx_send_msg(SBX_FD_SYNC, MSG_ERROR, &e);
+        _exit(125);
+    }
+    if (sbx_send_msg(SBX_FD_SYNC, MSG_SETUP_DONE, NULL) < 0)
+        _exit(124);
+    close(SBX_FD_SYNC);
+    init_loop(SBX_FD_CTL);
 }

@@ -1,8 +1,9 @@
 /* The C side of sandboxd: the spawn hot path between clone3 and execve.
  *
  * Python (sandbox/runtime/plan.py) fills one `struct sbx_plan`; sbx_spawn() clones the
- * sandbox's init with it. No Python runs in the child: the child and init use no malloc
- * (a raw clone3 in a threaded process may copy a held malloc lock) and no stdio.
+ * sandbox's first process with it, which builds the sandbox and then executes the init
+ * program (init.c, its own small static executable). No Python runs in the child: it uses
+ * no malloc (a raw clone3 in a threaded process may copy a held malloc lock) and no stdio.
  * Every failure is reported through one `struct sbx_error` (step, errno, syscall, detail);
  * sandbox/_native.py is the one place that turns it into SpawnError.
  */
@@ -10,7 +11,7 @@
 #define SANDBOXD_NATIVE_H
 #include <stdint.h>
 
-#define SBX_ABI_VERSION 4
+#define SBX_ABI_VERSION 5
 
 struct sbx_error {
     char step[32];
@@ -74,6 +75,8 @@ struct sbx_plan {
     const void *seccomp_bpf;
     int seccomp_bpf_len;              /* bytes; 0 = no filter */
     int seccomp_notify;               /* SECCOMP_FILTER_FLAG_NEW_LISTENER */
+    /* init: an O_PATH fd of the init executable, run by the child once it is confined */
+    int init_fd;
     int test_fail_step;               /* tests: fail at this child step number (0 = never) */
 };
 

@@ -7,7 +7,7 @@
 enum sbx_msg_kind {
     MSG_CHILD_READY = 1,  /* child: I exist in my namespaces, write my maps */
     MSG_MAPS_WRITTEN = 2, /* parent: uid/gid maps and v1 cgroups are written (the ack) */
-    MSG_SETUP_DONE = 3,   /* child: confined, pivoted; init serves the control socket */
+    MSG_SETUP_DONE = 3,   /* init (exec'd): confined, pivoted, serving the control socket */
     MSG_ERROR = 4,        /* child: failed, see .e */
 };
 struct sbx_msg {
@@ -25,9 +25,23 @@ void sbx_copy(char *dst, const char *src, unsigned long size);
 int sbx_send_msg(int fd, int kind, const struct sbx_error *e);
 int sbx_recv_msg(int fd, struct sbx_msg *m);
 
-/* The child after clone3: never returns. */
+/* The child after clone3: never returns. It ends by executing the init program (init.c,
+ * linked as its own static executable, SBX_INIT_EXE next to the extension), which gets
+ * exactly these fds and nothing else of the caller's: not its memory, not its files. */
 __attribute__((noreturn)) void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd,
                                               int last_cap);
-/* init's control loop (pid 1 of the sandbox): never returns. */
-__attribute__((noreturn)) void sbx_init_loop(const struct sbx_plan *p, int ctl_fd);
+#define SBX_INIT_EXE "sbx-init"
+enum sbx_init_fds {
+    SBX_FD_SYNC = 3,   /* sync socket: init sends MSG_SETUP_DONE (or MSG_ERROR) on it */
+    SBX_FD_CTL = 4,    /* control socket: exec requests */
+    SBX_FD_FILTER = 5, /* pipe: struct sbx_filter_hdr, then the seccomp program */
+    SBX_FD_EXE = 6,    /* the init executable itself (close-on-exec) */
+};
+/* The seccomp program fits a pipe's default capacity (64 KiB), so the child writes it
+ * whole before the exec: BPF_MAXINSNS (4096) * sizeof(struct sock_filter) (8). */
+#define SBX_FILTER_MAX (4096 * 8)
+struct sbx_filter_hdr {
+    uint32_t len;      /* bytes of struct sock_filter[], 0 = no filter */
+    uint32_t notify;   /* SECCOMP_FILTER_FLAG_NEW_LISTENER */
+};
 #endif

@@ -5,15 +5,20 @@ translation point of the C error protocol (step, errno, syscall, detail).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from sandbox._native_lib import ffi, lib  # noqa: F401
 from sandbox.errors import SpawnError
 from sandbox.runtime.plan import SpawnPlan
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 if lib.sbx_abi_version() != ABI_VERSION:  # a stale build would misread the plan struct
     raise ImportError("sandbox._native_lib is stale: rebuild with setup.py build_ext --inplace")
+# init, pid 1 of every sandbox: a static executable built with the extension
+# (csrc/build_native.py says why it is not code in the extension).
+INIT_EXE = Path(__file__).with_name("sbx-init")
 
 
 @dataclass
@@ -70,8 +75,18 @@ def _c_plan(plan: SpawnPlan, keep: list):
         keep.append(bpf)
         p.seccomp_bpf, p.seccomp_bpf_len = bpf, len(plan.seccomp_bpf)
     p.seccomp_notify = int(plan.seccomp_notify)
+    p.init_fd = -1
     p.test_fail_step = plan.test_fail_step
     return p
+
+
+def _open_init() -> int:
+    try:
+        return os.open(INIT_EXE, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        raise SpawnError(f"cannot start the sandbox: the init program {INIT_EXE} is missing "
+                         "(run scripts/setup)", step="init", errno=e.errno, syscall="open") from None
+
 
 
 def spawn(plan: SpawnPlan) -> Child:
@@ -80,8 +95,12 @@ def spawn(plan: SpawnPlan) -> Child:
     cplan = _c_plan(plan, keep)
     out = ffi.new("struct sbx_child *")
     err = ffi.new("struct sbx_error *")
-    if lib.sbx_spawn(cplan, out, err) < 0:
-        _raise(err, "cannot start the sandbox")
+    cplan.init_fd = _open_init()
+    try:
+        if lib.sbx_spawn(cplan, out, err) < 0:
+            _raise(err, "cannot start the sandbox")
+    finally:
+        os.close(cplan.init_fd)
     return Child(out.pid, out.pidfd, out.ctl_fd)
 
 
