@@ -326,7 +326,20 @@ static int exec_init(struct sbx_error *e)
     return sbx_fail(e, "init", "execveat", SBX_INIT_EXE);
 }
 
-void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd, int last_cap)
+/* Into each v1 cgroup through the parent's fds (spawn.c, open_v1_tasks): "0" is the
+ * writing thread, our only one. */
+static int join_v1_cgroups(const struct sbx_plan *p, const int *fds, struct sbx_error *e)
+{
+    for (int i = 0; i < p->n_cgroup_v1; i++) {
+        if (write(fds[i], "0", 1) != 1)
+            return sbx_fail(e, "cgroup", "write", p->cgroup_v1_tasks[i]);
+        close(fds[i]);
+    }
+    return 0;
+}
+
+void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd, int last_cap,
+                    const int *v1_tasks)
 {
     struct sbx_error e;
     struct sbx_msg m;
@@ -343,7 +356,10 @@ void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd, int last_
     if (sbx_recv_msg(sync_fd, &m) < 0 || m.kind != MSG_MAPS_WRITTEN)
         _exit(122); /* the parent died or gave up: nothing to report to */
     int keep[4] = {sync_fd, ctl_fd, -1, -1};
-    if (child_setup(p, last_cap, keep, &e) < 0 || exec_init(&e) < 0) {
+    /* limits first: nothing of ours is charged elsewhere, nothing of the agent's ever runs
+     * outside them (the cgroup2 directory we were cloned into already holds us) */
+    if (join_v1_cgroups(p, v1_tasks, &e) < 0 || child_setup(p, last_cap, keep, &e) < 0 ||
+        exec_init(&e) < 0) {
         sbx_send_msg(keep[0], MSG_ERROR, &e);
         _exit(123);
     }

@@ -11,7 +11,7 @@
 #define SANDBOXD_NATIVE_H
 #include <stdint.h>
 
-#define SBX_ABI_VERSION 5
+#define SBX_ABI_VERSION 6
 
 struct sbx_error {
     char step[32];
@@ -67,9 +67,10 @@ struct sbx_plan {
     uint64_t rlim_nofile, rlim_core, rlim_fsize;
     /* network: -1 = new empty netns; else setns() around clone3 */
     int netns_fd;
-    /* cgroups: cgroup2 dir fd for CLONE_INTO_CGROUP (-1 none); v1 cgroup.procs paths */
+    /* cgroups: cgroup2 dir fd for CLONE_INTO_CGROUP (-1 none); v1 `tasks` files the child
+     * joins itself through (opened by the parent, see spawn.c) */
     int cgroup2_fd;
-    const char *const *cgroup_v1_procs;
+    const char *const *cgroup_v1_tasks;
     int n_cgroup_v1;
     /* seccomp: struct sock_filter[] bytes, installed last before execve in each command */
     const void *seccomp_bpf;

@@ -6,7 +6,7 @@
 /* Parent <-> child sync messages over a SOCK_SEQPACKET pair (one message each). */
 enum sbx_msg_kind {
     MSG_CHILD_READY = 1,  /* child: I exist in my namespaces, write my maps */
-    MSG_MAPS_WRITTEN = 2, /* parent: uid/gid maps and v1 cgroups are written (the ack) */
+    MSG_MAPS_WRITTEN = 2, /* parent: uid/gid maps are written (the ack) */
     MSG_SETUP_DONE = 3,   /* init (exec'd): confined, pivoted, serving the control socket */
     MSG_ERROR = 4,        /* child: failed, see .e */
 };
@@ -29,7 +29,8 @@ int sbx_recv_msg(int fd, struct sbx_msg *m);
  * linked as its own static executable, SBX_INIT_EXE next to the extension), which gets
  * exactly these fds and nothing else of the caller's: not its memory, not its files. */
 __attribute__((noreturn)) void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd,
-                                              int last_cap);
+                                              int last_cap, const int *v1_tasks);
+#define SBX_MAX_V1 8       /* v1 hierarchies a sandbox joins (memory, pids, cpu, ...) */
 #define SBX_INIT_EXE "sbx-init"
 enum sbx_init_fds {
     SBX_FD_SYNC = 3,   /* sync socket: init sends MSG_SETUP_DONE (or MSG_ERROR) on it */

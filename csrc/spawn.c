@@ -88,15 +88,36 @@ static int write_maps(const struct sbx_plan *p, int pid, struct sbx_error *e)
     return write_file(path, map, e, "idmap");
 }
 
-/* v1 controllers have no CLONE_INTO_CGROUP: join them before the child does anything. */
-static int join_v1_cgroups(const struct sbx_plan *p, int pid, struct sbx_error *e)
+/* v1 controllers have no CLONE_INTO_CGROUP. The child joins them itself, first thing, by
+ * writing "0" to their `tasks` files through fds opened here, as host root: writing another
+ * task's pid into cgroup.procs takes cgroup_threadgroup_rwsem for writing, and its first
+ * writer after a pause waits for an RCU grace period (rcu_sync; 5-13 ms measured here),
+ * while a thread moving itself skips that lock (kernel/cgroup/cgroup.c,
+ * cgroup_procs_write_start). v1 checks the writer against the credentials the file was
+ * opened with (__cgroup1_procs_write: of->file->f_cred), so the child, unprivileged on the
+ * host, may do it through these fds and nothing else. */
+static void close_all(const int *fds, int n);
+static int open_v1_tasks(const struct sbx_plan *p, int *fds, struct sbx_error *e)
 {
-    char num[24];
-    snprintf(num, sizeof num, "%d\n", pid);
-    for (int i = 0; i < p->n_cgroup_v1; i++)
-        if (write_file(p->cgroup_v1_procs[i], num, e, "cgroup") < 0)
+    if (p->n_cgroup_v1 > SBX_MAX_V1) {
+        errno = E2BIG;
+        return sbx_fail(e, "cgroup", "plan", "too many v1 hierarchies");
+    }
+    for (int i = 0; i < p->n_cgroup_v1; i++) {
+        fds[i] = open(p->cgroup_v1_tasks[i], O_WRONLY | O_CLOEXEC);
+        if (fds[i] < 0) {
+            sbx_fail(e, "cgroup", "open", p->cgroup_v1_tasks[i]);
+            close_all(fds, i);
             return -1;
+        }
+    }
     return 0;
+}
+
+static void close_all(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
 }
 
 static void kill_and_reap(int pid, int pidfd)
@@ -153,7 +174,7 @@ static long clone_child(const struct sbx_plan *p, struct sbx_clone_args *ca, str
 
 int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error *e)
 {
-    int sync[2] = {-1, -1}, ctl[2] = {-1, -1}, pidfd = -1;
+    int sync[2] = {-1, -1}, ctl[2] = {-1, -1}, pidfd = -1, v1[SBX_MAX_V1];
     struct sbx_msg m;
     memset(e, 0, sizeof *e);
     out->pid = out->pidfd = out->ctl_fd = -1;
@@ -161,8 +182,12 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
     int last_cap = sbx_cap_last_cap();
     if (last_cap < 0)
         return sbx_fail(e, "capabilities", "read", "/proc/sys/kernel/cap_last_cap");
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sync) < 0)
-        return sbx_fail(e, "clone", "socketpair", "sync");
+    if (open_v1_tasks(p, v1, e) < 0)
+        return -1;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sync) < 0) {
+        sbx_fail(e, "clone", "socketpair", "sync");
+        goto fail_fds;
+    }
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, ctl) < 0) {
         sbx_fail(e, "clone", "socketpair", "control");
         goto fail_fds;
@@ -185,26 +210,18 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
     if (pid == 0) {
         close(sync[0]);
         close(ctl[0]);
-        sbx_child_main(p, sync[1], ctl[1], last_cap);
+        sbx_child_main(p, sync[1], ctl[1], last_cap, v1);
     }
+    close_all(v1, p->n_cgroup_v1); /* the child has its copies */
     if (pid < 0)
-        goto fail_fds;
+        goto fail_socks;
     close(sync[1]);
     close(ctl[1]);
     sync[1] = ctl[1] = -1;
 
     /* The child exists once clone3 returns: map it right away (it waits for
      * MSG_MAPS_WRITTEN before doing anything), then collect its READY; one round trip
-     * less on the hot path. The v1 cgroup joins come after MAPS_WRITTEN, while the child
-     * builds its mounts: the first v1 migration after a pause waits for an RCU grace period
-     * (cgroup_threadgroup_rwsem is a percpu rwsem; its writer goes through rcu_sync, ~7 ms
-     * measured here), and the child's setup is our own code that forks nothing, so nothing
-     * of the agent's runs before every limit holds: SETUP_DONE is read only after the joins,
-     * and no command can be sent before sbx_spawn returns. The child is in the cgroup2
-     * directory from the start (CLONE_INTO_CGROUP). */
-    /* A child that neither reports nor dies (a bug, or a host so loaded it cannot finish)
-     * must not hold this thread forever: recv fails with EAGAIN after the timeout and the
-     * child is killed like any other failed setup (socket(7) SO_RCVTIMEO). */
+     * less on the hot path. */
     struct timeval tmo = {.tv_sec = SBX_SETUP_TIMEOUT_S};
     if (setsockopt(sync[0], SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof tmo) < 0) {
         sbx_fail(e, "clone", "setsockopt", "setup timeout");
@@ -220,8 +237,6 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
         sbx_fail(e, "clone", "send", "maps written");
         goto fail_child;
     }
-    if (join_v1_cgroups(p, (int)pid, e) < 0)
-        goto fail_child;
     if (sbx_recv_msg(sync[0], &m) < 0) {
         sbx_fail(e, "setup", "recv", "child died during setup");
         goto fail_child;
@@ -243,7 +258,10 @@ fail_child:
     kill_and_reap((int)pid, pidfd);
     if (pidfd >= 0)
         close(pidfd);
+    goto fail_socks;
 fail_fds:
+    close_all(v1, p->n_cgroup_v1);
+fail_socks:
     for (int i = 0; i < 2; i++) {
         if (sync[i] >= 0)
             close(sync[i]);

@@ -13,7 +13,7 @@ from sandbox._native_lib import ffi, lib  # noqa: F401
 from sandbox.errors import SpawnError
 from sandbox.runtime.plan import SpawnPlan
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 if lib.sbx_abi_version() != ABI_VERSION:  # a stale build would misread the plan struct
     raise ImportError("sandbox._native_lib is stale: rebuild with setup.py build_ext --inplace")
 # init, pid 1 of every sandbox: a static executable built with the extension
@@ -63,10 +63,10 @@ def _c_plan(plan: SpawnPlan, keep: list):
     p.rlim_nofile, p.rlim_core, p.rlim_fsize = plan.rlim_nofile, plan.rlim_core, plan.rlim_fsize
     p.netns_fd = -1 if plan.netns_fd is None else plan.netns_fd
     p.cgroup2_fd = -1 if plan.cgroup2_fd is None else plan.cgroup2_fd
-    procs = [_cstr(keep, s) for s in plan.cgroup_v1_procs]
-    arr = ffi.new("const char *[]", procs or [ffi.NULL])
+    tasks = [_cstr(keep, s) for s in plan.cgroup_v1_tasks]
+    arr = ffi.new("const char *[]", tasks or [ffi.NULL])
     keep.append(arr)
-    p.cgroup_v1_procs, p.n_cgroup_v1 = arr, len(procs)
+    p.cgroup_v1_tasks, p.n_cgroup_v1 = arr, len(tasks)
     if plan.seccomp_bpf:
         if len(plan.seccomp_bpf) % 8:
             raise SpawnError("seccomp program is not a whole number of struct sock_filter",

@@ -297,9 +297,9 @@ class SandboxCgroup:
                                   syscall="open") from e
         return self._fd
 
-    def v1_procs(self) -> list[str]:
-        """The v1 cgroup.procs files the C parent writes the child's pid into."""
-        return [str(d / "cgroup.procs") for d in self.v1_dirs.values()]
+    def v1_tasks(self) -> list[str]:
+        """The v1 `tasks` files the spawned child joins itself through (csrc/spawn.c)."""
+        return [str(d / "tasks") for d in self.v1_dirs.values()]
 
     def add(self, pid: int):
         """Move a running process in (tests, benchmarks; the engine clones straight in)."""
@@ -761,7 +761,7 @@ def driver_for(layout: Layout | None = None, parent: str | None = None) -> Drive
 
 def make_step(ctx):
     """The 'cgroup' setup step: create the sandbox's cgroup with its limits, fill
-    plan.cgroup2_fd / plan.cgroup_v1_procs, and set ctx.cgroup to the handle.
+    plan.cgroup2_fd / plan.cgroup_v1_tasks, and set ctx.cgroup to the handle.
     The parent is `ctx.cgroup_parent` when the caller sets it (tests), else the default."""
     from sandbox.runtime.lifecycle import Step
 
@@ -770,7 +770,7 @@ def make_step(ctx):
         cg = driver.create(ctx.id, ctx.policy.limits, intent=getattr(ctx, "intent", None))
         ctx.cgroup = cg
         ctx.plan.cgroup2_fd = cg.open_fd()
-        ctx.plan.cgroup_v1_procs = cg.v1_procs()
+        ctx.plan.cgroup_v1_tasks = cg.v1_tasks()
         return cg
 
     def undo(cg):

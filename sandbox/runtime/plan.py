@@ -49,7 +49,7 @@ class SpawnPlan:
     rlim_fsize: int = 0                  # 0: unlimited
     netns_fd: int | None = None          # network step: join this netns (None: a new empty one)
     cgroup2_fd: int | None = None        # cgroup step: CLONE_INTO_CGROUP
-    cgroup_v1_procs: list[str] = field(default_factory=list)  # cgroup step: v1 cgroup.procs
+    cgroup_v1_tasks: list[str] = field(default_factory=list)  # cgroup step: v1 `tasks` files
     seccomp_bpf: bytes = b""             # seccomp step: struct sock_filter[]
     seccomp_notify: bool = False         # SECCOMP_FILTER_FLAG_NEW_LISTENER
     test_fail_step: int = 0              # tests only: make the C child fail on purpose

@@ -35,7 +35,7 @@ def test_limits_are_written(made):
     assert (v1["pids"] / "pids.max").read_text().strip() == str(L.SMALL.pids)
     assert (v1["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
     assert cg.v2_dir is not None and (cg.v2_dir / "cgroup.kill").exists()
-    assert len(cg.v1_procs()) == len(v1) and all(p.endswith("/cgroup.procs") for p in cg.v1_procs())
+    assert len(cg.v1_tasks()) == len(v1) and all(p.endswith("/tasks") for p in cg.v1_tasks())
 
 
 def test_hybrid_leaves_freezer_and_cpuacct_to_cgroup2(made):

@@ -242,7 +242,7 @@ def test_cgroup_fields_place_init_before_it_runs(make_sandbox, monkeypatch, cgro
     fd = os.open(v2, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         sb = make_sandbox(plan_fields={"cgroup2_fd": fd,
-                                       "cgroup_v1_procs": [str(v1 / "cgroup.procs")]})
+                                       "cgroup_v1_tasks": [str(v1 / "tasks")]})
     finally:
         os.close(fd)
     assert str(sb.init_pid) in (v2 / "cgroup.procs").read_text().split()

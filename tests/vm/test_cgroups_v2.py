@@ -45,7 +45,7 @@ def test_limits_are_written(made):
     assert (d / "cpu.max").read_text().split() == ["50000", "100000"]
     if (d / "memory.swap.max").exists():
         assert (d / "memory.swap.max").read_text().strip() == "0"
-    assert cg.v1_procs() == [] and isinstance(cg.open_fd(), int)
+    assert cg.v1_tasks() == [] and isinstance(cg.open_fd(), int)
 
 
 @pytest.mark.parametrize("missing", ["pids", "memory", "cpu"])
