@@ -296,3 +296,26 @@ def test_one_scanner_serves_many_threads(full):
         t.join(timeout=60)
     assert not errors and len(results) == 4
     assert all([f.rule_id for f in fs] == ["github-token"] * 3 for fs in results.values())
+
+
+def test_noreply_lookalike_email_split_at_every_boundary(small):
+    """The e-mail trigger skips '@users.noreply.github.com' only when the domain ends there:
+    a longer domain cut right after '.com' by a chunk boundary is still found."""
+    mail = b"12345+dev@users.noreply.github.company.com"
+    data = padded(mail, before=4, after=2) + b"x@users.noreply.github.com>\n"
+    ref = feed_chunks(small, data, [len(data)])
+    assert [(f.rule_id, f.start, f.end) for f in ref[1]] == [("email", data.index(mail), data.index(mail) + len(mail))]
+    for split in range(1, len(data)):
+        got = feed_chunks(small, data, [split, len(data)])
+        assert summary(got[1]) == summary(ref[1]), f"split at {split}"
+        assert_same_release(got, ref, data)
+
+
+def test_finish_drops_the_buffers_kept_between_large_feeds(full):
+    """Large feeds keep their scan buffers until the next feed (allocator reuse, see
+    ScanStream._scan); finish() lets go of them, so no output bytes outlive the stream."""
+    stream = full.stream(b"s")
+    out = stream.feed(FILLER * 3000)
+    assert stream._keep is not None and out.released
+    stream.finish()
+    assert stream._keep is None and stream._tail == b"" and stream._ctx == b""
