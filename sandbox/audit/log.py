@@ -29,6 +29,16 @@ stops accepting records (AuditError): after a failed fsync the kernel may have d
 dirty pages (see fsync(2), "fsyncgate"), so retrying could acknowledge lost records; the
 daemon must stop acknowledging actions instead (fail closed).
 
+Batched durability for records nobody waits on (`submit_lazy()`): the daemon's engine steps,
+escalation triggers and its own records are acknowledged to a client only by the reply that
+follows them, which waits for `flush_future()` (or an ordinary record). Such a record is
+written to the file at once (a crash of the daemon process keeps it: the kernel has it), but
+it does not make the writer fdatasync on its own: the next fdatasync covers it, the one of an
+eager record or a flush, or at the latest `lazy_delay` seconds (default 50 ms) after it was
+written. Its Future resolves only then, exactly like submit()'s. One reply thus costs one
+fdatasync instead of one per record made while serving it (~15 per sandbox created), and HEAD
+still never names a record that is not durable (it is rewritten after each fdatasync only).
+
 A crash can leave a torn last line (a write cut short). On open the log never rewrites or
 truncates what is on disk (it is evidence, and the torn record was never acknowledged to
 anyone, because acknowledgement waits for fdatasync). Instead it leaves the damaged file as
@@ -45,6 +55,7 @@ import json
 import os
 import re
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -155,8 +166,9 @@ class AuditLog:
 
     def __init__(self, state_dir: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  fsync: Callable[[int], None] = os.fdatasync, mirror: Any = "auto",
-                 guard: Guard | None = None):
+                 guard: Guard | None = None, lazy_delay: float = 0.05):
         self.dir = audit_dir_of(Path(state_dir))
+        self.lazy_delay = lazy_delay
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._fsync = fsync
@@ -168,7 +180,10 @@ class AuditLog:
         self._lock_fd = self._take_lock()
         self.salt = self._load_salt()
         self._cond = threading.Condition()
-        self._queue: list[tuple[dict | None, Future]] = []
+        self._queue: list[tuple[dict | None, Future, bool]] = []   # (entry, future, lazy)
+        self._unsynced: list[tuple[dict | None, Future]] = []      # written, not yet fdatasync'd
+        self._unsynced_since = 0.0       # monotonic time the oldest of them was written
+        self._dirty = False              # bytes written to the current file since its fdatasync
         self._closed = False
         self._failed: str | None = None
         self.fsyncs = 0
@@ -200,17 +215,35 @@ class AuditLog:
     def submit(self, action: str, *, sandbox=None, outcome="ok", resource=None, details=None,
                token=None, uid=None, duration_ms=None, permission=None) -> Future:
         """Queue one record; the Future resolves to the record once it is durable."""
+        return self._enqueue(self._entry(action, sandbox, outcome, resource, details, token,
+                                         uid, duration_ms, permission))
+
+    def submit_lazy(self, action: str, *, sandbox=None, outcome="ok", resource=None,
+                    details=None, token=None, uid=None, duration_ms=None,
+                    permission=None) -> Future:
+        """submit() for a record nobody waits on yet: written at once, made durable by the
+        next fdatasync (an eager record's, flush_future()'s, or lazy_delay later); the
+        Future resolves then. See the module docstring."""
+        return self._enqueue(self._entry(action, sandbox, outcome, resource, details, token,
+                                         uid, duration_ms, permission), lazy=True)
+
+    def _entry(self, action, sandbox, outcome, resource, details, token, uid, duration_ms,
+               permission) -> dict:
         g = self.guard.clean
-        entry = {"ts": rfc3339_now(), "sandbox": g(sandbox), "token": g(token),
-                 "uid": uid if uid is None else int(uid), "action": g(str(action)),
-                 "resource": g(resource), "details": g(dict(details or {})),
-                 "permission": g(permission), "outcome": g(str(outcome)),
-                 "duration_ms": None if duration_ms is None else round(float(duration_ms), 3)}
-        return self._enqueue(entry)
+        return {"ts": rfc3339_now(), "sandbox": g(sandbox), "token": g(token),
+                "uid": uid if uid is None else int(uid), "action": g(str(action)),
+                "resource": g(resource), "details": g(dict(details or {})),
+                "permission": g(permission), "outcome": g(str(outcome)),
+                "duration_ms": None if duration_ms is None else round(float(duration_ms), 3)}
 
     def flush(self) -> None:
         """Wait until everything submitted so far is durable."""
         self._enqueue(None).result()
+
+    def flush_future(self) -> Future:
+        """A Future that resolves once everything submitted so far is durable (one
+        fdatasync now, shared with whatever else is queued)."""
+        return self._enqueue(None)
 
     async def flush_async(self) -> None:
         await asyncio.wrap_future(self._enqueue(None))
@@ -336,14 +369,14 @@ class AuditLog:
 
     # -- the writer ---------------------------------------------------------------------------
 
-    def _enqueue(self, entry: dict | None) -> Future:
+    def _enqueue(self, entry: dict | None, lazy: bool = False) -> Future:
         fut: Future = Future()
         with self._cond:
             if self._closed:
                 raise AuditError("the audit log is closed")
             if self._failed:
                 raise AuditError(f"the audit log failed and accepts no records: {self._failed}")
-            self._queue.append((entry, fut))
+            self._queue.append((entry, fut, lazy))
             self._cond.notify()
         return fut
 
@@ -361,25 +394,40 @@ class AuditLog:
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue and self._closed:
-                    return
+                    if not self._unsynced:
+                        self._cond.wait()
+                        continue
+                    left = self._unsynced_since + self.lazy_delay - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
                 batch, self._queue = self._queue, []
+                closing = self._closed
+                if not batch and not self._unsynced and closing:
+                    return
             try:
                 self._write_batch(batch)
+                due = (closing or any(not lazy for _, _, lazy in batch) or
+                       time.monotonic() - self._unsynced_since >= self.lazy_delay)
+                if due:
+                    self._sync()
             except Exception as e:  # noqa: BLE001 - fail closed: no record is acknowledged
                 err = AuditError(f"audit log write failed: {e}")
                 with self._cond:
                     self._failed = str(e)
                     self._to_mirror = []
                     rest, self._queue = self._queue, []
-                for _, fut in batch + rest:
+                    unsynced, self._unsynced = self._unsynced, []
+                for _, fut in unsynced + [(x, f) for x, f, _ in batch + rest]:
                     if not fut.done():
                         fut.set_exception(err)
                 continue
-            for entry, fut in batch:
-                fut.set_result(entry)
-            self._mirror_out()
+            if due:
+                with self._cond:
+                    done, self._unsynced = self._unsynced, []
+                for entry, fut in done:
+                    fut.set_result(entry)
+                self._mirror_out()
 
     def _mirror_out(self) -> None:
         sent, self._to_mirror = self._to_mirror, []
@@ -388,16 +436,18 @@ class AuditLog:
                 self.mirror.send(entry)
 
     def _write_batch(self, batch) -> None:
+        """Seal and write a batch (rotating as needed); it joins the unsynced records."""
         lines: list[bytes] = []
         size = self._size
-        for entry, _ in batch:
+        for entry, _, _ in batch:
             if entry is None:      # a flush() marker
                 continue
             seq, prev = self._seq, self._prev
             line = self._seal(entry)
             if size + len(line) > self.max_bytes and size > 0:
-                # Rotate: unseal, make the old file's share of the batch durable, start the
-                # next file with its header, and chain the record after that header.
+                # Rotate: unseal, make the old file's share durable (with whatever was
+                # written to it unsynced), start the next file with its header, and chain
+                # the record after that header.
                 self._seq, self._prev = seq, prev
                 del entry["hash"]
                 self._to_mirror.pop()
@@ -408,11 +458,14 @@ class AuditLog:
             lines.append(line)
             size += len(line)
             self.records += 1
-        self._commit(lines)
+        self._write(lines)
+        with self._cond:
+            if not self._unsynced:
+                self._unsynced_since = time.monotonic()
+            self._unsynced += [(entry, fut) for entry, fut, _ in batch]
         self.batches += 1
 
-    def _commit(self, lines: list[bytes]) -> None:
-        """Write `lines` to the current file, fdatasync, then update HEAD."""
+    def _write(self, lines: list[bytes]) -> None:
         if not lines:
             return
         data = b"".join(lines)
@@ -420,8 +473,20 @@ class AuditLog:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
+        self._size += len(data)
+        self._dirty = True
+
+    def _sync(self) -> None:
+        """fdatasync what was written to the current file, then update HEAD."""
+        if not self._dirty:
+            return
         self._fsync(self._fd)
         self.fsyncs += 1
-        self._size += len(data)
+        self._dirty = False
         head = json.dumps({"seq": self._seq, "hash": self._prev, "file": file_name(self._index)})
         os.pwrite(self._head_fd, head.encode().ljust(_HEAD_SIZE - 1) + b"\n", 0)
+
+    def _commit(self, lines: list[bytes]) -> None:
+        """Write `lines` to the current file, fdatasync, then update HEAD."""
+        self._write(lines)
+        self._sync()

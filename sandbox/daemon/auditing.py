@@ -7,6 +7,12 @@ acknowledges anything to a client it awaits `durable()`: the future of the newes
 submitted so far. The log chains records in submission order and resolves futures in that
 order, so once the newest is durable every earlier one is too (one fsync covers a whole
 batch: ~1 per request instead of ~10 per create).
+
+With the hash-chained log, records go in through `submit_lazy`: written at once but not
+fdatasync'd on their own (AuditLog's batched durability); durable() then asks for the one
+fdatasync that covers everything submitted so far (`flush_future`), so a reply costs one
+disk flush however many records its work produced. A record no reply waits for is made
+durable by the log within its lazy_delay (50 ms).
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ log = logging.getLogger("sandboxd.audit")
 class QueuedSink:
     def __init__(self, inner):
         self.inner = inner
-        self._submit = getattr(inner, "submit", None)
+        self._submit = getattr(inner, "submit_lazy", None) or getattr(inner, "submit", None)
+        self._flush = getattr(inner, "flush_future", None) if hasattr(inner, "submit_lazy") else None
         self._lock = threading.Lock()
         self.last = None            # concurrent.futures.Future of the newest submitted record
 
@@ -41,6 +48,10 @@ class QueuedSink:
         the caller's request then fails instead of acknowledging an unrecorded action)."""
         fut = self.last
         if fut is not None and not (fut.done() and fut.exception() is None):
+            if self._flush is not None and not fut.done():
+                # Lazy records wait for a flush: ask for it now (it raises at once if the
+                # log has failed, and resolves after everything before it is on disk).
+                await asyncio.wrap_future(self._flush())
             await asyncio.wrap_future(fut)
 
     def finding_hash(self, data) -> str:

@@ -1,5 +1,8 @@
-"""QueuedSink: record() never waits for the disk; durable() waits for the newest record."""
+"""QueuedSink: record() never waits for the disk; durable() waits for the newest record
+(with the real log: one fdatasync per reply, however many records its work produced)."""
 import asyncio
+import json
+import os
 import threading
 from concurrent.futures import Future
 
@@ -69,3 +72,101 @@ def test_a_synchronous_sink_records_in_place():
     sink.record("a", sandbox="sb-1")
     asyncio.run(sink.durable())
     assert mem.find("a")
+
+
+# -- with the real hash-chained log: batched durability (AuditLog.submit_lazy) ----------------
+def _log(tmp_path, calls, *, fail=False, **kw):
+    from sandbox.audit.log import AuditLog
+
+    def fsync(fd):
+        calls.append(fd)
+        if fail and len(calls) > 1:            # the header's flush passes, then the disk fails
+            raise OSError(5, "Input/output error")
+        os.fdatasync(fd)
+    return AuditLog(tmp_path, mirror=None, fsync=fsync, **kw)
+
+
+def _lines(tmp_path):
+    from sandbox.audit.log import audit_files
+    return [json.loads(x) for f in audit_files(tmp_path / "audit")
+            for x in f.read_text().splitlines()]
+
+
+def test_lazy_records_are_written_at_once_and_made_durable_by_one_flush(tmp_path):
+    from sandbox.audit.log import read_head
+    calls = []
+    log = _log(tmp_path, calls, lazy_delay=3600)
+    base = len(calls)
+    futs = [log.submit_lazy("setup_step", sandbox="sb-1", resource=str(i)) for i in range(20)]
+    assert _until(lambda: sum(r["action"] == "setup_step" for r in _lines(tmp_path)) == 20)
+    assert len(calls) == base and not any(f.done() for f in futs)     # written, not synced
+    assert read_head(tmp_path / "audit")["seq"] < 21                  # HEAD never leads
+    log.flush_future().result(10)
+    assert len(calls) == base + 1 and all(f.done() for f in futs)
+    assert read_head(tmp_path / "audit")["seq"] == 21
+    log.close()
+
+
+def test_a_lazy_record_nobody_waits_for_is_made_durable_within_the_delay(tmp_path):
+    calls = []
+    log = _log(tmp_path, calls, lazy_delay=0.05)
+    fut = log.submit_lazy("teardown_step", sandbox="sb-1")
+    assert fut.result(10)["action"] == "teardown_step"      # bounded: no flush was asked for
+    assert len(calls) >= 2
+    log.close()
+
+
+def test_queued_sink_over_the_log_costs_one_fdatasync_per_reply(tmp_path):
+    from sandbox.audit.verify import verify
+    calls = []
+    log = _log(tmp_path, calls, lazy_delay=3600)
+    sink = QueuedSink(log)
+    base = len(calls)
+    for i in range(30):
+        sink.record("setup_step", sandbox="sb-1", resource=str(i))
+    asyncio.run(sink.durable())
+    assert len(calls) == base + 1 and sink.last.done()
+    asyncio.run(sink.durable())                     # nothing new: no flush at all
+    assert len(calls) == base + 1
+    log.close()
+    assert verify(tmp_path).ok
+
+
+def test_lazy_records_fail_closed_when_the_disk_fails(tmp_path):
+    from sandbox.errors import AuditError
+    calls = []
+    log = _log(tmp_path, calls, fail=True, lazy_delay=3600)
+    sink = QueuedSink(log)
+    sink.record("setup_step", sandbox="sb-1")
+    first = sink.last
+    with pytest.raises(AuditError):
+        asyncio.run(sink.durable())
+    assert isinstance(first.exception(10), AuditError)
+    with pytest.raises(AuditError):
+        sink.record("another")                      # the log refuses everything after
+    log.close()
+
+
+def test_lazy_records_across_a_rotation_and_at_close_keep_the_chain(tmp_path):
+    from sandbox.audit.log import audit_files, read_head
+    from sandbox.audit.verify import verify
+    calls = []
+    log = _log(tmp_path, calls, lazy_delay=3600, max_bytes=4096)
+    futs = [log.submit_lazy("exec", sandbox="sb-1", details={"argv": ["echo", str(i)]})
+            for i in range(100)]
+    log.close()                                     # close makes them durable
+    assert all(f.done() and f.exception() is None for f in futs)
+    assert len(audit_files(tmp_path / "audit")) > 2
+    assert verify(tmp_path).ok
+    recs = _lines(tmp_path)
+    assert [int(r["details"]["argv"][1]) for r in recs if r["action"] == "exec"] == list(range(100))
+    assert read_head(tmp_path / "audit")["seq"] == recs[-1]["seq"]
+
+
+def _until(pred, seconds=10.0):
+    import time
+    for _ in range(int(seconds / 0.01)):
+        if pred():
+            return True
+        time.sleep(0.01)
+    return pred()
