@@ -283,8 +283,12 @@ class Client:
     def resume(self, sid: str) -> dict:
         return self.request("POST", f"{API}/sandboxes/{_quote(sid)}/resume")
 
-    def destroy(self, sid: str) -> dict:
-        return self.request("DELETE", f"{API}/sandboxes/{_quote(sid)}")
+    def destroy(self, sid: str, wait: bool = True) -> dict:
+        """Kill the sandbox and remove everything it had. wait=False: return (state
+        "destroying") once its processes are gone; the daemon finishes the teardown in the
+        background, and the sandbox lists as "destroying" until it is."""
+        return self.request("DELETE", f"{API}/sandboxes/{_quote(sid)}"
+                            + ("" if wait else "?wait=false"))
 
     def kill_all(self) -> dict:
         return self.request("POST", f"{API}/kill")
@@ -401,8 +405,9 @@ class AsyncClient:
     async def resume(self, sid):
         return await self.request("POST", f"{API}/sandboxes/{_quote(sid)}/resume")
 
-    async def destroy(self, sid):
-        return await self.request("DELETE", f"{API}/sandboxes/{_quote(sid)}")
+    async def destroy(self, sid, wait=True):
+        return await self.request("DELETE", f"{API}/sandboxes/{_quote(sid)}"
+                                  + ("" if wait else "?wait=false"))
 
     async def grant_token(self, **kw):
         return await self.request("POST", f"{API}/tokens", _Api.grant(

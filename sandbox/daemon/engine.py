@@ -6,6 +6,8 @@ with a stand-in engine without root; the integration tests always use `RealEngin
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -86,6 +88,24 @@ class RealHandle:
 
     def kill(self):
         self.sb.kill()
+
+    def kill_signal(self) -> int | None:
+        """SIGKILL the sandbox's init through its pidfd, now, without waiting; returns a
+        duplicate of that pidfd (the caller's to close), which polls readable once init has
+        exited, which the kernel completes only after every other process of its pid
+        namespace is gone (pid_namespaces(7)). None when init is gone already."""
+        pidfd = self.sb.pidfd
+        if pidfd is None:
+            return None
+        fd = os.dup(pidfd)          # ours: the engine closes its own at destroy
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass                    # exited already: the fd polls readable at once
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def destroy(self) -> dict:
         report = self.sb.destroy()

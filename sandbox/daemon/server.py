@@ -149,6 +149,9 @@ class Daemon:
         self.auth = Authorizer(self.tokens, admin_group=config.admin_group,
                                client_group=config.client_group)
         self.registry = Registry()
+        # Tests only: hold every teardown this long, so a test can crash the daemon between
+        # a destroy's answer (?wait=false) and the end of its teardown.
+        self._teardown_delay = float(os.environ.get("SANDBOXD_TEST_TEARDOWN_DELAY") or 0)
         self.metrics = Metrics()
         self.started = time.time()
         self.conns: dict = {}
@@ -356,6 +359,10 @@ class Daemon:
             if self.registry.count_token(p.token_id) >= p.token.scope.max_sandboxes:
                 raise TooMany(f"this token already has {p.token.scope.max_sandboxes} sandboxes "
                               "(its maximum); destroy one first")
+        if p.token is not None and not p.token.active():
+            # Revoked (or expired) while this request was being read: the revocation has
+            # already collected the token's sandboxes, so none may be added after it.
+            raise AuthError(f"token {p.token_id} was revoked or has expired")
         rec = SandboxRecord(id=new_sandbox_id(), policy=final, token_id=p.token_id, uid=p.peer.uid)
         self.registry.add(rec)
         t0 = time.perf_counter()
@@ -367,7 +374,7 @@ class Daemon:
             raise
         dt = time.perf_counter() - t0
         if rec.state == "destroying":      # revoked while it was being made
-            self._spawn(self._destroy(rec, "revoked during create"))
+            self._spawn(self._destroy(rec, "revoked during create", background=True))
             raise AuthError("the token was revoked while the sandbox was being created")
         rec.state = "running"
         if self.esc is not None:
@@ -375,7 +382,8 @@ class Daemon:
         self.metrics.create_latency.observe(dt)
         self.metrics.created += 1
         rec.expiry_timer = asyncio.get_running_loop().call_later(
-            final.timeout, lambda: self._spawn(self._destroy(rec, "policy timeout")))
+            final.timeout,
+            lambda: self._spawn(self._destroy(rec, "policy timeout", background=True)))
         self._record("daemon_create", p, sandbox=rec.id, resource=name,
                       duration_ms=round(dt * 1000, 3))
         return web.json_response(self._describe(rec, p), status=201)
@@ -414,23 +422,70 @@ class Daemon:
         return web.json_response(self._describe(self._lookup(request, p), p, full=True))
 
     async def destroy(self, request):
+        """DELETE: kill and tear down, verify nothing is left, then answer (200). With
+        ?wait=false: answer (202, "destroying") as soon as every process of the sandbox is
+        gone and the pending teardown is on record; the teardown goes on in the background.
+        Until it is done the sandbox lists and inspects as "destroying" and still counts
+        against its token's max_sandboxes; if the daemon dies first, the engine's intent
+        record (written before each resource was made) lets start-up recovery finish it."""
         p = self._need_sandbox_rights(request)
         rec = self._lookup(request, p)
+        unknown = set(request.query) - {"wait"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:200]}")
+        wait = request.query.get("wait", "true")
+        if wait not in ("true", "false", "1", "0"):
+            raise BadRequest("wait: true or false")
         if rec.state in ("creating", "destroying"):
             raise StateError(f"sandbox {rec.id} is {rec.state}")
-        report = await self._destroy(rec, "requested", p)
-        return web.json_response({"id": rec.id, "state": "destroyed", "report": report})
-
-    async def _destroy(self, rec: SandboxRecord, why: str, p: Principal | None = None) -> dict:
-        if rec.state == "destroying" and rec.handle is None:
-            return {}
-        rec.state = "destroying"
-        if rec.expiry_timer is not None:
-            rec.expiry_timer.cancel()
-        report: dict = {}
+        if wait in ("true", "1"):
+            report = await self._destroy(rec, "requested", p)
+            return web.json_response({"id": rec.id, "state": "destroyed", "report": report})
         try:
-            if rec.handle is not None:
-                report = await call_blocking(rec.handle.destroy)
+            kill_ms = await self._kill_now([rec])
+            self._record("daemon_destroy_pending", p, sandbox=rec.id,
+                         details={"why": "requested", "kill_ms": kill_ms})
+        finally:
+            self._spawn(self._destroy(rec, "requested", p, kill=True, background=True))
+        return web.json_response({"id": rec.id, "state": "destroying", "kill_ms": kill_ms},
+                                 status=202)
+
+    async def _destroy(self, rec: SandboxRecord, why: str, p: Principal | None = None, *,
+                       kill: bool = False, background: bool = False) -> dict:
+        """Tear a sandbox down (once: every caller shares the one teardown in flight).
+        background: nobody waits for the report (a failure is logged and escalated)."""
+        if rec.teardown is None:
+            if rec.handle is None:
+                return {}           # still being created: create destroys it when it exists
+            rec.state = "destroying"
+            if rec.expiry_timer is not None:
+                rec.expiry_timer.cancel()
+            rec.teardown = self._spawn(self._teardown(rec, why, p, kill))
+        try:
+            return await asyncio.shield(rec.teardown)
+        except SandboxError as e:
+            if not background:
+                raise
+            log.error("background teardown of %s failed: %s", rec.id, e)
+            return {}
+
+    async def _teardown(self, rec: SandboxRecord, why: str, p, kill: bool) -> dict:
+        handle = rec.handle
+        report: dict = {}
+        if self._teardown_delay:
+            await asyncio.sleep(self._teardown_delay)     # tests: a crash in between
+
+        def run():
+            if kill:
+                # Its processes are gone already (pidfd); this records why, through the
+                # engine, and empties the cgroup for good.
+                try:
+                    handle.kill()
+                except Exception:  # noqa: BLE001 - destroy reports what is left
+                    log.exception("kill of %s failed", rec.id)
+            return handle.destroy()
+        try:
+            report = await call_blocking(run)
         except TeardownError as e:
             if self.esc is not None:
                 self.esc.observe_teardown_failure(rec.id, e.leftovers or [str(e)])
@@ -473,35 +528,61 @@ class Daemon:
         p = self._need_admin(request)
         recs = [r for r in self.registry.all() if r.state != "destroying"]
         kill_ms = await self._kill_now(recs)
-        for r in recs:
-            self._spawn(self._destroy(r, "kill switch", p))
         self._record("daemon_kill_all", p, details={"sandboxes": len(recs), "kill_ms": kill_ms})
-        return web.json_response({"killed": len(recs), "kill_ms": kill_ms})
+        resp = await self._after_durable(web.json_response({"killed": len(recs),
+                                                            "kill_ms": kill_ms}))
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        finally:
+            self._finish_kills(recs, "kill switch", p)
+        return resp
 
     async def _kill_now(self, recs: list[SandboxRecord]) -> float:
-        """cgroup.kill every sandbox at once: ms until the last process of all is gone.
+        """Kill every sandbox at once; return (ms) once the last process of all is gone.
 
-        The engine's kill() returns once its cgroup is empty, so kills run side by side in
-        threads (wall time is the slowest one, not the sum); a single one runs in place."""
+        Each sandbox's init gets SIGKILL through its pidfd, all of them first; then one
+        wait on all the pidfds in the event loop. When a pid namespace's init dies the
+        kernel kills every other process of the namespace and reaps them all before init's
+        own exit is complete (pid_namespaces(7); zap_pid_namespace), and a pidfd polls
+        readable only then (pidfd_open(2)): readable = the whole sandbox is gone. The
+        engine's kill (cgroup.kill, reason, audit) follows in the background teardown.
+        Handles without a pidfd are killed through the engine, side by side in threads."""
         t0 = time.perf_counter()
-        live = []
+        fds, slow = [], []
         for r in recs:
+            if r.teardown is not None:
+                continue             # being destroyed already (its own kill is under way)
             if r.expiry_timer is not None:
                 r.expiry_timer.cancel()
-            if r.handle is not None:
-                live.append(r)
+            r.state = "destroying"   # no new command; one still being created dies at birth
+            if r.handle is None:
+                continue
+            start = getattr(r.handle, "kill_signal", None)
+            fd = None
+            if start is not None:
+                try:
+                    fd = start()
+                except Exception:  # noqa: BLE001 - fall back to the engine's own kill
+                    log.exception("pidfd kill of %s failed; killing through the engine", r.id)
+            if fd is None:
+                slow.append(r)
             else:
-                r.state = "destroying"     # still being created: destroyed as soon as it exists
+                fds.append((r, fd))
 
         def kill(r):
             try:
                 r.handle.kill()
             except Exception:  # noqa: BLE001 - kill the others; destroy reports leftovers
                 log.exception("kill of %s failed", r.id)
-        if len(live) == 1:
-            kill(live[0])
-        elif live:
-            await asyncio.gather(*(call_blocking(kill, r) for r in live))
+        try:
+            waits = [_pidfds_gone([fd for _, fd in fds], KILL_WAIT)] if fds else []
+            waits += [call_blocking(kill, r) for r in slow]
+            if waits:
+                await asyncio.gather(*waits)
+        finally:
+            for _, fd in fds:
+                os.close(fd)
         return round((time.perf_counter() - t0) * 1000, 3)
 
     # -- exec and output release ----------------------------------------------------------
@@ -817,25 +898,68 @@ class Daemon:
             {**t.public(), "sandboxes": self.registry.count_token(t.id)} for t in self.tokens.list()]})
 
     async def revoke_token(self, request):
+        """Revoke a token and kill its sandboxes: the token is refused from the first step
+        on (in memory); the kill and the fsynced token file are done side by side; the reply
+        comes once every process of every sandbox of the token is gone *and* the revocation
+        (token file and audit record) is durable. Teardown goes on in the background."""
         p = self._need_admin(request)
         tid = request.match_info["id"]
         try:
-            tok = self.tokens.revoke(tid)
+            tok, changed = self.tokens.mark_revoked(tid)
         except KeyError:
             raise NotFoundError(f"no token {tid[:40]!r}") from None
-        killed, kill_ms = await self._kill_token(tok.id, "revoked", p)
-        self._record("token_revoke", p, resource=tok.id, details={"sandboxes": killed,
-                                                                  "kill_ms": kill_ms})
-        return web.json_response({**tok.public(), "killed": killed, "kill_ms": kill_ms})
+        timer = self._token_timers.pop(tok.id, None)
+        if timer is not None:
+            timer.cancel()
+        saving = asyncio.ensure_future(call_blocking(self.tokens.save)) if changed else None
+        recs = [r for r in self.registry.of_token(tok.id) if r.state != "destroying"]
+        try:
+            kill_ms = await self._kill_now(recs)
+        except BaseException:
+            self._finish_kills(recs, "token revoked", p)   # whatever is left is torn down
+            raise
+        finally:
+            saved_error = None
+            if saving is not None:
+                try:
+                    await saving
+                except Exception as e:  # noqa: BLE001 - refused in memory; say it is not durable
+                    saved_error = e
+        log.info("token %s revoked: killed %d sandboxes in %.3f ms", tok.id, len(recs), kill_ms)
+        self._record("token_revoke", p, resource=tok.id,
+                     outcome="ok" if saved_error is None else "error",
+                     details={"sandboxes": len(recs), "kill_ms": kill_ms,
+                              **({"persist_error": type(saved_error).__name__}
+                                 if saved_error is not None else {})})
+        if saved_error is not None:
+            log.error("token %s revoked in memory and its sandboxes killed, but the token "
+                      "file could not be written: %s", tok.id, saved_error)
+            self._finish_kills(recs, "token revoked", p)
+            return self._error(503, "NotDurable", f"token {tok.id} is refused and its "
+                               f"{len(recs)} sandboxes were killed, but the revocation could "
+                               "not be saved (it would not survive a restart); retry")
+        resp = web.json_response({**tok.public(), "killed": len(recs), "kill_ms": kill_ms})
+        # Answer first, then start the teardowns: they would compete with the reply for the
+        # interpreter, and nothing of the token's sandboxes runs any more.
+        resp = await self._after_durable(resp)
+        try:
+            await resp.prepare(request)
+            await resp.write_eof()
+        finally:
+            self._finish_kills(recs, "token revoked", p)
+        return resp
 
-    async def _kill_token(self, tid: str, why: str, p=None) -> tuple[int, float]:
+    async def _kill_token(self, tid: str) -> tuple[list[SandboxRecord], float]:
         recs = [r for r in self.registry.of_token(tid) if r.state != "destroying"]
         kill_ms = await self._kill_now(recs)
+        log.info("token %s: killed %d sandboxes in %.3f ms", tid, len(recs), kill_ms)
+        return recs, kill_ms
+
+    def _finish_kills(self, recs: list[SandboxRecord], why: str, p=None):
+        """Background teardown of killed sandboxes (the engine's kill records the reason)."""
         for r in recs:
             if r.handle is not None:
-                self._spawn(self._destroy(r, f"token {why}", p))
-        log.info("token %s %s: killed %d sandboxes in %.3f ms", tid, why, len(recs), kill_ms)
-        return len(recs), kill_ms
+                self._spawn(self._destroy(r, why, p, kill=True, background=True))
 
     def _arm_token_timer(self, tok):
         if not tok.active():
@@ -843,9 +967,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
 
         async def expire_now():
-            n, ms = await self._kill_token(tok.id, "expired")
-            self._record("token_expire", None, resource=tok.id, details={"sandboxes": n,
-                                                                         "kill_ms": ms})
+            recs, ms = await self._kill_token(tok.id)
+            self._finish_kills(recs, "token expired")
+            self._record("token_expire", None, resource=tok.id,
+                         details={"sandboxes": len(recs), "kill_ms": ms})
 
         def expire():
             self._token_timers.pop(tok.id, None)
@@ -1004,12 +1129,15 @@ class Daemon:
             self._server.close()
         recs = self.registry.all()
         if recs:
-            await self._kill_now(recs)
-            # Every process is gone already (cgroup.kill); what a slow teardown leaves after
-            # this bound is named in the intent records and removed by recovery at next start.
+            try:
+                await self._kill_now(recs)
+            except SandboxError as e:
+                log.error("stopping: %s", e)
+            # Every process is gone already; what a slow teardown leaves after this bound
+            # is named in the intent records and removed by recovery at the next start.
             done, pending = await asyncio.wait(
-                [asyncio.ensure_future(self._destroy(r, "daemon stopping")) for r in recs
-                 if r.handle is not None] or [asyncio.sleep(0)], timeout=30)
+                [asyncio.ensure_future(self._destroy(r, "daemon stopping", kill=True))
+                 for r in recs if r.handle is not None] or [asyncio.sleep(0)], timeout=30)
             if pending:
                 log.error("%d sandboxes not destroyed in time; recovery removes them at the "
                           "next start", len(pending))
@@ -1022,6 +1150,32 @@ class Daemon:
         except FileNotFoundError:
             pass
         self._record("daemon_stop", None, details={"pid": os.getpid()})
+
+
+KILL_WAIT = 30.0     # seconds a kill may take before the request fails (D-state, a kernel bug)
+
+
+async def _pidfds_gone(fds: list[int], timeout: float):
+    """Wait in the event loop until every pidfd polls readable (its process exited)."""
+    loop = asyncio.get_running_loop()
+    left = set(fds)
+    done = loop.create_future()
+
+    def ready(fd):
+        loop.remove_reader(fd)
+        left.discard(fd)
+        if not left and not done.done():
+            done.set_result(None)
+    for fd in fds:
+        loop.add_reader(fd, ready, fd)
+    try:
+        await asyncio.wait_for(done, timeout)
+    except asyncio.TimeoutError:
+        raise SandboxError(f"{len(left)} sandbox(es) still had processes {timeout:g} s after "
+                           "SIGKILL", step="kill") from None
+    finally:
+        for fd in left:
+            loop.remove_reader(fd)
 
 
 class _ExecAudit:

@@ -36,6 +36,7 @@ class SandboxRecord:
     running_execs: int = 0
     findings: int = 0
     expiry_timer: object = None         # asyncio.TimerHandle for policy.timeout
+    teardown: object = None             # asyncio.Task of the one destroy in flight (shared)
     salt: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def summary(self) -> dict:

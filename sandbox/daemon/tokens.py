@@ -188,14 +188,29 @@ class TokenStore:
         return self._tokens.get(tid) if isinstance(tid, str) and _ID_RE.fullmatch(tid) else None
 
     def revoke(self, tid: str) -> Token:
+        """Revoke and persist (fsynced) before returning."""
+        tok, changed = self.mark_revoked(tid)
+        if changed:
+            self.save()
+        return tok
+
+    def mark_revoked(self, tid: str) -> tuple[Token, bool]:
+        """Revoke in memory only: from this call on verify() refuses the token. The caller
+        makes it durable with save() (the daemon does so while it kills the token's
+        sandboxes, and answers only once both are done). (token, whether it changed)."""
         with self._lock:
             tok = self.get(tid)
             if tok is None:
                 raise KeyError(tid)
-            if tok.revoked is None:
-                tok.revoked = time.time()
-                self._save()
-            return tok
+            if tok.revoked is not None:
+                return tok, False
+            tok.revoked = time.time()
+            return tok, True
+
+    def save(self):
+        """Persist the current state (atomically, fsynced); safe from any thread."""
+        with self._lock:
+            self._save()
 
     def list(self) -> list[Token]:
         return sorted(self._tokens.values(), key=lambda t: t.created)

@@ -78,6 +78,12 @@ def test_every_operation_responds_as_documented(daemon):
     assert c("GET", "/v1/sandboxes", token="sbxd_000000000000_" + "A" * 43)[0] == 401
     assert admin("GET", "/v1/audit", query={"limit": "5"})[0] == 200
     assert c("DELETE", "/v1/sandboxes/{id}", params=p)[0] == 200
+    status, sb2 = c("POST", "/v1/sandboxes", body={"policy": TEST_POLICY, "overrides": SMALL})
+    assert status == 201
+    p2 = {"id": sb2["id"]}
+    assert c("DELETE", "/v1/sandboxes/{id}", params=p2, query={"wait": "maybe"})[0] == 400
+    status, out = c("DELETE", "/v1/sandboxes/{id}", params=p2, query={"wait": "false"})
+    assert status == 202 and out["state"] == "destroying"
     assert admin("DELETE", "/v1/tokens/{id}", params={"id": tok["id"]})[0] == 200
     assert admin("DELETE", "/v1/tokens/{id}", params={"id": "nope"})[0] == 404
     assert admin("POST", "/v1/kill")[0] == 200

@@ -62,6 +62,22 @@ def test_revoked_and_expired_tokens_are_refused_and_persist(store, tmp_path):
         store.verify(v2)
 
 
+def test_mark_revoked_refuses_at_once_and_save_makes_it_durable(store, tmp_path):
+    tok, value = store.grant(TokenScope(), granted_by=0)
+    marked, changed = store.mark_revoked(tok.id)
+    assert marked is tok and changed
+    with pytest.raises(AuthError, match="revoked"):          # refused before any write
+        store.verify(value)
+    # The file still says active until save() (the daemon saves while it kills).
+    assert TokenStore(tmp_path / "tokens.json").verify(value).id == tok.id
+    store.save()
+    with pytest.raises(AuthError, match="revoked"):
+        TokenStore(tmp_path / "tokens.json").verify(value)
+    assert store.mark_revoked(tok.id) == (tok, False)        # once only: nothing to save
+    with pytest.raises(KeyError):
+        store.mark_revoked("000000000000")
+
+
 def test_damaged_token_file_fails_closed(tmp_path):
     (tmp_path / "tokens.json").write_text("{not json")
     with pytest.raises(AuthError, match="damaged"):
