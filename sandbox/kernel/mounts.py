@@ -16,7 +16,15 @@ design's model):
 """
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox.errors import PolicyError
@@ -61,12 +69,12 @@ def validate_host_dir(path: str | os.PathLike, what: str, forbidden: tuple = ())
     return Path(real)
 
 
-def write_etc(etc_dir: Path, policy, *, nameservers: tuple = ()) -> list[MountOp]:
-    """Generate the sandbox's /etc on the host (bound read-only later) and return the bind
-    operations for policy.filesystem.etc_binds. Mount targets for those binds are made here,
-    by the parent: the child cannot write into this host-owned directory."""
+def _etc_spec(policy, nameservers: tuple) -> tuple[dict, list, list[MountOp]]:
+    """What the sandbox's generated /etc holds: the files (name -> text), the mount targets
+    for policy.filesystem.etc_binds (relative path, "dir" | "file" | "link", link target), and
+    the bind operations. Inspects the host's etc_binds (a link stays a link, a missing source
+    is left out), so the result is a function of the policy, the nameservers and those."""
     u = policy.user
-    etc_dir.mkdir(mode=0o755, exist_ok=True)
     files = {
         "passwd": (f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
                    f"{u.name}:x:{u.uid}:{u.gid}::{HOME}:/bin/sh\n"
@@ -77,35 +85,210 @@ def write_etc(etc_dir: Path, policy, *, nameservers: tuple = ()) -> list[MountOp
         "resolv.conf": "".join(f"nameserver {ns}\n" for ns in nameservers) or "# no resolver\n",
         "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
     }
-    for name, text in files.items():
-        (etc_dir / name).write_text(text)
-        os.chmod(etc_dir / name, 0o644)
-    ops = []
+    targets, ops = [], []
     for src in policy.filesystem.etc_binds:
         rel = os.path.relpath(src, "/etc")
         if rel.startswith(".."):
             raise PolicyError(f"{src} is not under /etc", field="filesystem.etc_binds")
+        try:
+            mode = os.lstat(src).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue                              # not on this host: left out
+        if stat.S_ISLNK(mode):
+            targets.append((rel, "link", os.readlink(src)))
+            continue
+        targets.append((rel, "dir" if stat.S_ISDIR(mode) else "file", ""))
+        ops.append(MountOp(BIND, "/etc/" + rel, src=src, attr_set=ATTR_LOCKDOWN))
+    return files, targets, ops
+
+
+def _write_etc_files(etc_dir: Path, files: dict, targets: list) -> None:
+    for name, text in files.items():
+        fd = os.open(etc_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode())
+            os.fchmod(fd, 0o644)                 # the umask may have cut the mode
+        finally:
+            os.close(fd)
+    for rel, kind, link in targets:
         target = etc_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.islink(src):
-            target.symlink_to(os.readlink(src))
-        elif os.path.isdir(src):
+        if kind == "link":
+            target.symlink_to(link)
+        elif kind == "dir":
             target.mkdir(exist_ok=True)
-            ops.append(MountOp(BIND, "/etc/" + rel, src=src, attr_set=ATTR_LOCKDOWN))
-        elif os.path.exists(src):
+        else:
             target.touch()
-            ops.append(MountOp(BIND, "/etc/" + rel, src=src, attr_set=ATTR_LOCKDOWN))
+
+
+def write_etc(etc_dir: Path, policy, *, nameservers: tuple = ()) -> list[MountOp]:
+    """Generate the sandbox's /etc on the host (bound read-only later) and return the bind
+    operations for policy.filesystem.etc_binds. Mount targets for those binds are made here,
+    by the parent: the child cannot write into this host-owned directory."""
+    files, targets, ops = _etc_spec(policy, nameservers)
+    etc_dir.mkdir(mode=0o755, exist_ok=True)
+    _write_etc_files(etc_dir, files, targets)
     return ops
 
 
+# ---- the shared /etc views and root mount point ------------------------------------------
+#
+# Every sandbox of a policy gets the same generated /etc (the agent's name and ids, the
+# hostname, the resolver: nothing per sandbox but the resolver of an egress sandbox, which is
+# per address slot and slots are reused lowest first). Writing six files and the bind targets
+# per sandbox and deleting them again was ~1.5 ms of ext4 inode work, so each distinct
+# content is written once, into <state_dir>/etc/<pid>-<starttime>/<sha256 of the content>/
+# (built in a temporary directory and renamed into place: complete or absent), and every
+# sandbox of this process with that content binds it. It is safe to share: the sandbox gets
+# it through a bind that the rootfs plan makes read-only, nosuid, nodev and noexec (a locked
+# mount: the agent cannot remount it), its files are owned by host root, which is unmapped
+# in every sandbox's user namespace, and a read-only mount updates no access time either,
+# so one sandbox can neither change another's /etc nor see when another read it.
+#
+# Lifetime: a view is held while a sandbox of this process uses it (EtcView.release at the
+# rootfs undo, after init is gone); at most ETC_IDLE unused ones are kept for reuse, the
+# oldest removed first; this process's whole directory is removed when it exits (atexit),
+# and recovery (sweep_etc_cache) removes the directory of any owner no longer running.
+ETC_CACHE = "etc"
+ETC_IDLE = 8
+NEWROOT = "newroot"
+
+
+@dataclass
+class EtcView:
+    path: Path
+    ops: list
+    key: str
+    users: int = 0
+    last_used: float = 0.0
+
+    def release(self) -> None:
+        _release(self)
+
+
+_etc_lock = threading.Lock()
+_etc_views: dict[tuple[str, str], EtcView] = {}    # (owner dir, key) -> view
+_etc_dirs: set[str] = set()                        # owner dirs this process made
+_etc_atexit = False
+
+
+def _owner_dir(state_dir: Path) -> Path:
+    from sandbox.runtime.intent import current_owner
+    me = current_owner()
+    return Path(state_dir) / ETC_CACHE / f"{me['pid']}-{me['starttime']}"
+
+
+def etc_view(state_dir: Path, policy, *, nameservers: tuple = ()) -> EtcView:
+    """The shared read-only /etc for a sandbox of `policy` (see above); release() it when
+    the sandbox is gone."""
+    global _etc_atexit
+    files, targets, ops = _etc_spec(policy, nameservers)
+    key = hashlib.sha256(json.dumps([files, targets], sort_keys=True).encode()).hexdigest()[:32]
+    owner = _owner_dir(state_dir)
+    with _etc_lock:
+        view = _etc_views.get((str(owner), key))
+        if view is None or not os.path.isdir(view.path):    # (a test may remove a state dir)
+            view = EtcView(owner / key, ops, key)
+            _build_view(owner, view.path, files, targets)
+            _etc_views[(str(owner), key)] = view
+            _etc_dirs.add(str(owner))
+            if not _etc_atexit:
+                atexit.register(clear_etc_cache)
+                _etc_atexit = True
+        view.users += 1
+        view.last_used = time.monotonic()
+        return view
+
+
+def _build_view(owner: Path, path: Path, files: dict, targets: list) -> None:
+    owner.mkdir(mode=0o755, parents=True, exist_ok=True)
+    tmp = owner / f".tmp-{path.name}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o755)
+    try:
+        _write_etc_files(tmp, files, targets)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, path)
+        except OSError:               # (an entry left by a removed-and-recreated state dir)
+            shutil.rmtree(path)
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _release(view: EtcView) -> None:
+    with _etc_lock:
+        view.users = max(0, view.users - 1)
+        view.last_used = time.monotonic()
+        idle = sorted((v for v in _etc_views.values() if v.users == 0),
+                      key=lambda v: v.last_used)
+        for v in idle[:max(0, len(idle) - ETC_IDLE)]:
+            _etc_views.pop((str(v.path.parent), v.key), None)
+            shutil.rmtree(v.path, ignore_errors=True)
+
+
+def clear_etc_cache() -> None:
+    """Remove every /etc view this process made (at exit; sandboxes still running keep the
+    files they have open, and nothing of theirs is under this directory but that view)."""
+    with _etc_lock:
+        _etc_views.clear()
+        for d in list(_etc_dirs):
+            if Path(d).name.startswith(f"{os.getpid()}-"):   # not a forked parent's
+                shutil.rmtree(d, ignore_errors=True)
+            _etc_dirs.discard(d)
+
+
+def sweep_etc_cache(state_dir: Path) -> tuple[list[str], list[str]]:
+    """Recovery: remove the /etc views of owners that are no longer running (a crash skips
+    atexit). Returns (removed, failed) paths. Never touches a live owner's directory."""
+    from sandbox.runtime.intent import proc_starttime
+    base = Path(state_dir) / ETC_CACHE
+    removed, failed = [], []
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return removed, failed
+    for name in sorted(names):
+        pid, _, start = name.partition("-")
+        if pid.isdigit() and start.isdigit() and proc_starttime(int(pid)) == int(start):
+            continue                  # a running process's views
+        path = base / name
+        if mounts_under(str(path)):
+            failed.append(f"{path} (mounted)")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        (failed if os.path.lexists(path) else removed).append(str(path))
+    return removed, failed
+
+
+def newroot_dir(state_dir: Path) -> Path:
+    """The directory each sandbox's init attaches its root tmpfs on, in its own mount
+    namespace (csrc/child.c opens it before it builds the root): one, shared, always empty
+    on the host. Made here if missing (one mkdir: EEXIST when it is there)."""
+    d = Path(state_dir) / NEWROOT
+    try:
+        os.mkdir(d, 0o755)
+    except FileExistsError:
+        if not d.is_dir() or d.is_symlink():
+            raise PolicyError(f"{d} exists and is not a directory", field="state_dir") from None
+    except FileNotFoundError:
+        d.mkdir(mode=0o755, parents=True)
+    return d
+
+
 class RootfsBuilder:
-    """Collects mount operations with paths inside the sandbox, in order."""
+    """Collects mount operations with paths inside the sandbox, in order. Takes ownership of
+    each op it is given (its dst is made relative in place: copy shared ops first)."""
 
     def __init__(self):
         self._ops: list[MountOp] = []
         self._dirs: set[str] = {"/"}
 
     def add(self, op: MountOp):
+        # Paths relative to the new root, which is the child's cwd while it builds.
+        op.dst = op.dst.lstrip("/") or "."
         self._ops.append(op)
 
     def mkdirs(self, path: str, mode: int = 0o755):
@@ -118,8 +301,8 @@ class RootfsBuilder:
                 self.add(MountOp(MKDIR, d, mode=mode))
 
     def ops(self) -> list[MountOp]:
-        """Paths relative to the new root, which is the child's cwd while it builds."""
-        out = [MountOp(**{**op.__dict__, "dst": op.dst.lstrip("/") or "."}) for op in self._ops]
+        """The operations (relative to the new root), then pivot and lock the root."""
+        out = list(self._ops)
         out.append(MountOp(PIVOT, "."))
         # the root tmpfs itself becomes read-only once everything is in place
         out.append(MountOp(SETATTR, "/", attr_set=ATTR_LOCKDOWN))
@@ -139,7 +322,7 @@ def build_rootfs(policy, *, etc: MountOp, etc_ops: list[MountOp], workspace: Mou
     b.mkdirs("/etc")
     b.add(_at(etc, "/etc"))
     for op in etc_ops:
-        b.add(op)
+        b.add(_at(op, op.dst))              # (shared by every sandbox of an /etc view)
     b.add(MountOp(SETATTR, "/etc", attr_set=ATTR_LOCKDOWN | ATTR_NOEXEC, flags=1))
     _proc(b)
     _dev(b)

@@ -11,8 +11,9 @@ start retries: recovery is idempotent) and raises an escalation for it.
 
 Then a sweep removes objects of ours that no intent names (a crash between making an
 object's parent and recording it): sandbox directories in this state dir without an
-intent record (and any mount under them), and cgroups whose name carries this daemon's
-sandbox-id prefix. The sweep touches only this state dir and names with the prefix the
+intent record (and any mount under them; only older daemons made such directories), the
+shared /etc views of processes no longer running (sandbox/kernel/mounts.py, etc_view), and
+cgroups whose name carries this daemon's sandbox-id prefix. The sweep touches only this state dir and names with the prefix the
 caller gives (tests give `sbxt-<pid>-`), never anything another daemon or test could own;
 with no prefix it does not touch cgroups. The network module's own leftover sweep
 (network.cleanup_leftovers) is run only when asked (`network_sweep=True`): it works in the
@@ -31,7 +32,8 @@ from typing import Callable
 
 from sandbox.audit.sink import NULL_SINK
 from sandbox.errors import SandboxError, TeardownError
-from sandbox.runtime.intent import INTENT_FILE, Intent, list_intents, proc_starttime
+from sandbox.runtime.intent import (INTENT_FILE, INTENT_SUFFIX, Intent, intent_id, list_intents,
+                                    proc_starttime)
 
 # Who removes each kind (docs/internals.md). A kind's function receives the intent fields.
 # Kinds whose module has no cleanup function (yet) fall back to the safe generic ones here.
@@ -220,7 +222,8 @@ def recover_sandbox(intent: Intent, audit=NULL_SINK) -> SandboxRecovery:
         audit.record("recovery_removed", sandbox=sid, resource=res["kind"], details={"object": what})
     if not rep.failed:
         intent.close()
-        remove_dir({"path": str(intent.dir)})
+        if os.path.lexists(intent.dir):     # an older daemon's per-sandbox directory
+            remove_dir({"path": str(intent.dir)})
     return rep
 
 
@@ -281,13 +284,18 @@ def _sweep(state_dir: Path, audit, report: RecoveryReport, live: set, id_prefix:
     base = state_dir / "sandboxes"
     if base.is_dir():
         for d in sorted(base.iterdir()):
-            if d.name in live or (d / INTENT_FILE).exists() or not d.is_dir():
+            if d.name in live or not d.is_dir() or (d / INTENT_FILE).exists() or \
+                    (base / f"{d.name}{INTENT_SUFFIX}").exists():
                 continue
             try:
                 remove_dir({"path": str(d)})
                 report.orphans.append(f"dir({d})")
             except Exception as e:  # noqa: BLE001
                 report.leftovers.append(f"dir({d}): {e}")
+    from sandbox.kernel import mounts
+    removed, failed = mounts.sweep_etc_cache(state_dir)   # /etc views of dead processes
+    report.orphans += [f"etc({p})" for p in removed]
+    report.leftovers += [f"etc({p})" for p in failed]
     if not id_prefix:
         return
     from sandbox.kernel import cgroups
@@ -360,7 +368,7 @@ def find_leftovers(state_dir: Path, *, id_prefix: str, cgroup_parent: str | None
     from sandbox.kernel import disk
     state_dir = Path(state_dir)
     left = [f"intent {p}" for p in list_intents(state_dir)
-            if p.parent.name.startswith(id_prefix)]
+            if intent_id(p).startswith(id_prefix)]
     dirs = [state_dir / "sandboxes", state_dir / "workspaces"]
     for base in {Path(disk_base or disk.DEFAULT_BASE), state_dir / "disks"}:
         dirs += [base / "images", base / "mnt"]

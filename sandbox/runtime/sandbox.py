@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -70,7 +71,7 @@ class SandboxContext:
     audit: AuditSink
     state_dir: Path
     intent: Any = None
-    dir: Path | None = None              # state_dir/sandboxes/<id>
+    dir: Path | None = None              # none any more (intent: a file; /etc: shared)
     uidrange: uidrange.UidRange | None = None
     cgroup: Any = None                   # set by the cgroup step (kill/freeze/thaw/usage/reason)
     workspace: str | None = None         # caller's host dir, or None
@@ -99,25 +100,19 @@ def _facility_step(module: str, ctx: SandboxContext) -> Step | None:
 # ---- the engine's own steps ------------------------------------------------------------
 
 def _state_step(ctx: SandboxContext) -> Step:
+    """The intent record (one append-only file, sandbox/runtime/intent.py). There is no
+    per-sandbox directory any more: /etc is a shared view and the root mount point a shared
+    empty directory (_rootfs_step), so ctx.dir stays None."""
     def do():
         ctx.intent = Intent.create(ctx.state_dir, ctx.id, {"policy": ctx.policy.name})
-        ctx.dir = ctx.intent.dir
-        for sub in ("root", "etc"):
-            (ctx.dir / sub).mkdir(mode=0o755)
-        return ctx.dir
+        return ctx.intent
 
-    def undo(d: Path):
-        left = mounts.mounts_under(str(d))
-        if left:  # never rmtree into a mount
-            raise TeardownError("mounts left in the sandbox directory", leftovers=left)
-        for sub in ("root", "etc"):
-            shutil.rmtree(d / sub, ignore_errors=True)
-        ctx.intent.close()
-        if d.exists():
-            raise TeardownError("sandbox directory not removed", leftovers=[str(d)])
+    def undo(intent: Intent):
+        intent.close()
+        if os.path.lexists(intent.path):
+            raise TeardownError("intent record not removed", leftovers=[str(intent.path)])
 
-    return Step("state", do, undo, describe="state directory and intent record",
-                only_if_clean=True)
+    return Step("state", do, undo, describe="intent record", only_if_clean=True)
 
 
 def _uidrange_step(ctx: SandboxContext) -> Step:
@@ -156,11 +151,26 @@ def _close_mount_fds(ctx: SandboxContext):
 
 
 def _auto_workspace(ctx: SandboxContext) -> str:
+    """The workspace the engine makes when the caller gave no host directory, owned by the
+    agent's host uid: on the sandbox's disk when the disk step gave it a home there (made
+    empty and root-owned with the disk; the disk's undo removes it with the image), else in
+    state_dir/workspaces/<id>."""
+    u, r = ctx.policy.user, ctx.uidrange
     base = Path(ctx.workspace_dir) if ctx.workspace_dir else ctx.state_dir / "workspaces" / ctx.id
     ctx.intent.add("dir", path=str(base), keep=bool(ctx.keep_workspace))
-    base.mkdir(parents=True, mode=0o755)
-    u, r = ctx.policy.user, ctx.uidrange
-    os.chown(base, r.host_uid(u.uid), r.host_uid(u.gid))
+    if ctx.workspace_dir:
+        try:
+            st = os.lstat(base)
+        except FileNotFoundError:
+            os.mkdir(base, 0o755)
+        else:
+            # made empty with the disk (kernel/disk.py); never chown what is not that
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+                raise SandboxError(f"the disk's workspace {base} is not a root-owned "
+                                   "directory", step="rootfs")
+    else:
+        base.mkdir(parents=True, mode=0o755)
+    os.chown(base, r.host_uid(u.uid), r.host_uid(u.gid), follow_symlinks=False)
     return str(base)
 
 
@@ -171,45 +181,68 @@ def _rootfs_step(ctx: SandboxContext) -> Step:
     def do():
         ws_attr = ATTR_NOSUID | ATTR_NODEV | (ATTR_RDONLY if fs.workspace == "ro" else 0)
         auto = None
-        if ctx.workspace:
-            ws = str(mounts.validate_host_dir(ctx.workspace, "workspace", forbidden))
-            ws_op = _tree_op(ws, ctx, ws_attr, idmap=True)
-        else:
-            ws = auto = _auto_workspace(ctx)
-            ws_op = _tree_op(auto, ctx, ws_attr, idmap=False)
-        ctx.workspace_host = ws
-        context_op = shared_op = tmp_op = None
-        if ctx.context:
-            c = str(mounts.validate_host_dir(ctx.context, "context", forbidden))
-            context_op = _tree_op(c, ctx, ATTR_LOCKDOWN, idmap=False)
-        if ctx.shared:
-            sh = mounts.validate_host_dir(ctx.shared, "shared", forbidden)
-            st = sh.stat()
-            for sub in ("incoming", "outgoing"):
-                if not (sh / sub).is_dir():
-                    (sh / sub).mkdir(mode=0o755)
-                    os.chown(sh / sub, st.st_uid, st.st_gid)
-            shared_op = _tree_op(str(sh), ctx, ATTR_NOSUID | ATTR_NODEV, idmap=True)
-        if ctx.tmp_dir:
-            tmp_op = _tree_op(ctx.tmp_dir, ctx, ATTR_NOSUID | ATTR_NODEV, idmap=False)
-        etc_ops = mounts.write_etc(ctx.dir / "etc", ctx.policy, nameservers=ctx.nameservers)
-        etc_op = _tree_op(str(ctx.dir / "etc"), ctx, 0, idmap=False)
-        ctx.plan.root = str(ctx.dir / "root")
-        ctx.plan.mounts = mounts.build_rootfs(
-            ctx.policy, etc=etc_op, etc_ops=etc_ops, workspace=ws_op, context=context_op,
-            shared=shared_op, tmp=tmp_op)
-        return auto
+        try:
+            if ctx.workspace:
+                ws = str(mounts.validate_host_dir(ctx.workspace, "workspace", forbidden))
+                ws_op = _tree_op(ws, ctx, ws_attr, idmap=True)
+            else:
+                ws = auto = _auto_workspace(ctx)
+                ws_op = _tree_op(auto, ctx, ws_attr, idmap=False)
+            ctx.workspace_host = ws
+            context_op = shared_op = tmp_op = None
+            if ctx.context:
+                c = str(mounts.validate_host_dir(ctx.context, "context", forbidden))
+                context_op = _tree_op(c, ctx, ATTR_LOCKDOWN, idmap=False)
+            if ctx.shared:
+                sh = mounts.validate_host_dir(ctx.shared, "shared", forbidden)
+                st = sh.stat()
+                for sub in ("incoming", "outgoing"):
+                    if not (sh / sub).is_dir():
+                        (sh / sub).mkdir(mode=0o755)
+                        os.chown(sh / sub, st.st_uid, st.st_gid)
+                shared_op = _tree_op(str(sh), ctx, ATTR_NOSUID | ATTR_NODEV, idmap=True)
+            if ctx.tmp_dir:
+                tmp_op = _tree_op(ctx.tmp_dir, ctx, ATTR_NOSUID | ATTR_NODEV, idmap=False)
+            # /etc: the shared read-only view for this content (mounts.etc_view), bound
+            # read-only by the plan; the root: a shared empty mount point (mounts.newroot_dir)
+            view = ctx.extra["etc_view"] = mounts.etc_view(ctx.state_dir, ctx.policy,
+                                                           nameservers=ctx.nameservers)
+            etc_op = _tree_op(str(view.path), ctx, 0, idmap=False)
+            ctx.plan.root = str(mounts.newroot_dir(ctx.state_dir))
+            ctx.plan.mounts = mounts.build_rootfs(
+                ctx.policy, etc=etc_op, etc_ops=list(view.ops), workspace=ws_op,
+                context=context_op, shared=shared_op, tmp=tmp_op)
+        except BaseException as e:
+            try:
+                _release_rootfs(ctx, auto)
+            except Exception as left:  # noqa: BLE001 - reported with the cause, not instead
+                if isinstance(e, SandboxError):
+                    e.message += f" (and its cleanup left: {left})"
+            raise
+        return auto    # the daemon reads the workspace it made from here (daemon/engine.py)
 
     def undo(auto: str | None):
-        _close_mount_fds(ctx)
-        if auto and not ctx.keep_workspace:
-            # Intent entries are not removed one by one on the way down: every cleanup is
-            # idempotent, and the state step's undo deletes the whole record at the end.
-            shutil.rmtree(auto)
-            if os.path.exists(auto):
-                raise TeardownError("workspace not removed", leftovers=[auto])
+        _release_rootfs(ctx, auto)
 
     return Step("rootfs", do, undo, describe="filesystem plan, /etc, workspace")
+
+
+def _release_rootfs(ctx: SandboxContext, auto: str | None) -> None:
+    """Undo of the rootfs step (also when it fails half-way): mount fds, the workspace the
+    engine made (not one on the disk: the disk's undo removes the whole image), the /etc view."""
+    try:
+        _close_mount_fds(ctx)
+        if auto and not ctx.keep_workspace and auto != ctx.workspace_dir:
+            # Intent entries are not removed one by one on the way down: every cleanup is
+            # idempotent, and the state step's undo deletes the whole record at the end.
+            if os.path.lexists(auto):
+                shutil.rmtree(auto)
+            if os.path.lexists(auto):
+                raise TeardownError("workspace not removed", leftovers=[auto])
+    finally:
+        view = ctx.extra.pop("etc_view", None)
+        if view is not None:
+            view.release()
 
 
 def _spawn_step(ctx: SandboxContext) -> Step:

@@ -36,6 +36,7 @@ def test_cli_passes_exit_status_signal_stdin_and_timeout(state_dir):
     r = ctl(state_dir, "--env", "NOT_ALLOWED_X=1", "--", "true")
     assert r.returncode == 2 and b"NOT_ALLOWED_X" in r.stderr and b"Traceback" not in r.stderr
     assert not list((state_dir / "sandboxes").iterdir())  # every run destroyed its sandbox
+    assert os.listdir(state_dir / "etc") == []   # each run's /etc view went when it exited
 
 
 def test_host_workspace_stays_owned_by_its_owner(make_sandbox, tmp_path):
@@ -78,12 +79,13 @@ def test_destroy_leaves_nothing(state_dir):
             except OSError:
                 pass
         assert len(pidfds) >= 2  # init and the background sleep
-        sdir, ws, base = sb.ctx.dir, Path(sb.ctx.workspace_host), sb.ctx.uidrange.base
-        assert sdir.exists() and ws.exists() and uidrange.in_use(state_dir, base)
+        rec, ws, base = sb.ctx.intent.path, Path(sb.ctx.workspace_host), sb.ctx.uidrange.base
+        assert rec.exists() and ws.exists() and uidrange.in_use(state_dir, base)
     finally:
         report = sb.destroy()
     assert report["leftovers"] == []
-    assert not sdir.exists() and not ws.exists()
+    assert not rec.exists() and not ws.exists()
+    assert not list((state_dir / "sandboxes").iterdir())
     assert not uidrange.in_use(state_dir, base)
     for fd in pidfds:  # a pidfd polls readable once its process is gone
         assert sbmod._wait_pidfd(fd, 5.0)
@@ -104,7 +106,7 @@ def _spy(monkeypatch, name):
 
 
 def _assert_unwound(ctx, state_dir):
-    assert not ctx.dir.exists()
+    assert not ctx.intent.path.exists() and not list((state_dir / "sandboxes").iterdir())
     assert ctx.workspace_host is None or not Path(ctx.workspace_host).exists()
     assert not uidrange.in_use(state_dir, ctx.uidrange.base)
     if ctx.cgroup is not None:
@@ -340,7 +342,7 @@ def test_keep_workspace_survives_destroy(state_dir):
         sb.destroy()
     try:
         assert (ws / "result").read_text() == "kept\n"
-        assert not sb.ctx.dir.exists()  # everything else is gone
+        assert not sb.ctx.intent.path.exists()  # everything else is gone
     finally:
         shutil.rmtree(ws, ignore_errors=True)
 
@@ -393,3 +395,84 @@ def test_spawn_from_a_busy_multithreaded_process_never_hangs(state_dir):
         stop.set()
         for t in churners:
             t.join()
+
+
+def _etc_mount(pid: int) -> list[str]:
+    """The /etc mount as the sandbox sees it: mountinfo fields (3: its source directory on
+    the host filesystem, 5: per-mount options)."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        found = [line.split() for line in f if line.split()[4] == "/etc"]
+    assert len(found) == 1, found
+    return found[0]
+
+
+ETC_WRITES = r"""
+import errno, os
+for what, fn in (("append", lambda: open("/etc/passwd", "a")),
+                 ("create", lambda: open("/etc/new-file", "w")),
+                 ("mkdir", lambda: os.mkdir("/etc/newdir")),
+                 ("chmod", lambda: os.chmod("/etc/hosts", 0o666)),
+                 ("unlink", lambda: os.unlink("/etc/resolv.conf")),
+                 ("rename", lambda: os.rename("/etc/hostname", "/etc/h2"))):
+    try:
+        fn()
+        print(what, "WROTE")
+    except OSError as e:
+        print(what, errno.errorcode[e.errno])
+"""
+
+
+def test_etc_is_one_shared_read_only_view_per_content(make_sandbox, state_dir):
+    """Sandboxes of one policy share one generated /etc on the host (written once): it is
+    mounted read-only, nosuid, nodev, noexec, its files belong to host root, and nothing a
+    sandbox tries changes it for another. Other content gets another view."""
+    a, b = make_sandbox(), make_sandbox()
+    ma, mb = _etc_mount(a.init_pid), _etc_mount(b.init_pid)
+    view = Path(ma[3])
+    assert mb[3] == ma[3] and view.parent.parent == state_dir / "etc"
+    assert {"ro", "nosuid", "nodev", "noexec"} <= set(ma[5].split(","))
+    st = view.stat()
+    assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o755)
+    files = {p.name: p.read_bytes() for p in view.iterdir() if p.is_file()}
+    assert {"passwd", "group", "hosts", "hostname", "resolv.conf", "nsswitch.conf"} <= set(files)
+    for name in files:
+        st = (view / name).stat()
+        assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o644), name
+    res = run(a, ["/usr/bin/python3", "-c", ETC_WRITES])
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.decode().split("\n")
+    assert len([l for l in lines if l]) == 6 and "WROTE" not in res.stdout.decode(), lines
+    assert all(l.endswith(("EROFS", "EACCES", "EPERM")) for l in lines if l), lines
+    assert {p.name: p.read_bytes() for p in view.iterdir() if p.is_file()} == files
+    assert sh(b, "cat /etc/hostname").stdout == b"sandbox\n"
+    c = make_sandbox(engine_policy({"hostname": "other-host"}))
+    assert _etc_mount(c.init_pid)[3] != ma[3]
+    assert sh(c, "cat /etc/hostname").stdout == b"other-host\n"
+    # the root mount point: one shared directory, empty on the host while sandboxes run on it
+    assert a.ctx.plan.root == b.ctx.plan.root == c.ctx.plan.root == str(state_dir / "newroot")
+    assert os.listdir(a.ctx.plan.root) == []
+
+
+def test_unused_etc_views_are_removed_beyond_the_idle_bound(make_sandbox, state_dir, monkeypatch):
+    from sandbox.kernel import mounts
+    monkeypatch.setattr(mounts, "ETC_IDLE", 0)
+    sb = make_sandbox()
+    view = Path(_etc_mount(sb.init_pid)[3])
+    other = make_sandbox(engine_policy({"hostname": "other-host"}))
+    sb.destroy()
+    assert not view.exists()                     # its last user went: nothing keeps it
+    assert Path(_etc_mount(other.init_pid)[3]).is_dir()   # a view in use stays
+    assert sh(other, "cat /etc/hostname").stdout == b"other-host\n"
+
+
+def test_recovery_removes_etc_views_of_dead_processes_only(make_sandbox, state_dir):
+    from sandbox.runtime.recovery import recover
+    sb = make_sandbox()
+    mine = Path(_etc_mount(sb.init_pid)[3])
+    dead = state_dir / "etc" / "999999999-1"     # above any pid_max: a process that is gone
+    (dead / "0123abcd").mkdir(parents=True)
+    (dead / "0123abcd" / "passwd").write_text("x\n")
+    rep = recover(state_dir)
+    assert rep.ok and rep.orphans == [f"etc({dead})"] and not dead.exists()
+    assert mine.is_dir() and rep.skipped_live == [sb.id]
+    assert sh(sb, "cat /etc/hostname").exit_code == 0

@@ -35,10 +35,10 @@ def test_intent_write_is_atomic_and_lists_resources(tmp_path):
     it = Intent.create(tmp_path, "sb1", {"policy": "default"})
     it.add("cgroup", path="/sys/fs/cgroup/x/sb1")
     it.add("dir", path=str(tmp_path / "ws"))
-    on_disk = json.loads((tmp_path / "sandboxes/sb1/intent.json").read_text())
-    assert [r["kind"] for r in on_disk["resources"]] == ["cgroup", "dir"]
-    assert on_disk["owner"]["pid"] == os.getpid()
-    assert not [p for p in (tmp_path / "sandboxes/sb1").iterdir() if p.name.endswith(".tmp")]
+    lines = [json.loads(l) for l in (tmp_path / "sandboxes/sb1.intent").read_text().splitlines()]
+    assert [l["add"]["kind"] for l in lines[1:]] == ["cgroup", "dir"]   # one line per add
+    assert lines[0]["owner"]["pid"] == os.getpid()
+    assert [p.name for p in (tmp_path / "sandboxes").iterdir()] == ["sb1.intent"]
     assert it.remove("cgroup") == 1
     assert [r["kind"] for r in Intent.load(it.path).resources] == ["dir"]
     with pytest.raises(SandboxError, match="already has an intent"):
@@ -48,7 +48,7 @@ def test_intent_write_is_atomic_and_lists_resources(tmp_path):
     with pytest.raises(SandboxError, match="invalid sandbox id"):
         Intent.create(tmp_path, "../escape")
     it.close()
-    assert list_intents(tmp_path) == [] and not (tmp_path / "sandboxes/sb1").exists()
+    assert list_intents(tmp_path) == [] and not list((tmp_path / "sandboxes").iterdir())
 
 
 def test_recover_kills_processes_removes_dirs_and_audits(tmp_path, sleeper):
@@ -64,7 +64,7 @@ def test_recover_kills_processes_removes_dirs_and_audits(tmp_path, sleeper):
     assert len(rep.sandboxes[0].removed) == 2
     sleeper.wait(5)
     assert sleeper.returncode == -9
-    assert not ws.exists() and not (tmp_path / "sandboxes" / "sb1").exists()
+    assert not ws.exists() and not list((tmp_path / "sandboxes").iterdir())
     actions = [r["action"] for r in query(tmp_path / "state") if r.get("sandbox") == "sb1"]
     assert actions == ["recovery_found", "recovery_removed", "recovery_removed"]
     assert query(tmp_path / "state", action="recovery")[0]["outcome"] == "ok"
