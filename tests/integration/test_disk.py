@@ -44,7 +44,7 @@ def _gone(d: disk.SandboxDisk):
 def test_disk_filler_gets_enospc_at_the_limit(base):
     d = disk.create("filler", SMALL.disk, base=base)
     try:
-        d.workspace_dir.mkdir()          # the engine makes it (owned by the sandbox's uid)
+        os.chown(d.workspace_dir, 1 << 20, 1 << 20)   # the engine gives it to the sandbox
         for target in (d.tmp_dir, d.workspace_dir):
             out = subprocess.run(["/bin/sh", "-c", FILLER.format(path=target / "fill")],
                                  capture_output=True, text=True, timeout=60).stdout
@@ -62,7 +62,7 @@ def test_disk_filler_gets_enospc_at_the_limit(base):
 def test_layout_inside_the_disk(base):
     d = disk.create("layout", SMALL.disk, base=base)
     try:
-        assert sorted(p.name for p in d.mountpoint.iterdir()) == ["tmp"]
+        assert sorted(p.name for p in d.mountpoint.iterdir()) == ["lost+found", "tmp", "workspace"]
         assert d.tmp_dir.stat().st_mode & 0o7777 == 0o1777
         assert d.workspace_dir.parent == d.mountpoint
         opts = [l.split()[5] for l in open("/proc/self/mountinfo") if l.split()[4] == str(d.mountpoint)]
@@ -100,7 +100,7 @@ def test_cleanup_after_a_crash_is_idempotent(base):
 
 def test_remove_while_a_host_process_holds_a_file(base, monkeypatch):
     """An open file (e.g. a straggler) must not make teardown leave the image behind."""
-    monkeypatch.setattr(disk, "_WAIT_STEPS", 40)     # do not wait the full 10 s here
+    monkeypatch.setattr(disk, "_WAIT_SECONDS", 0.2)  # do not wait the full 30 s here
     d = disk.create("busy", 16 * MiB, base=base)
     f = open(d.tmp_dir / "held", "w")
     try:
@@ -135,3 +135,59 @@ def test_concurrent_creates_and_removes_in_one_process(base):
         t.join()
     assert errors == []
     assert not list((base / "images").iterdir()) and not list((base / "mnt").iterdir())
+
+
+def _data_bytes(path: Path) -> int:
+    """Bytes in the file's data extents (SEEK_DATA/SEEK_HOLE): what each sandbox copies."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos, total = os.fstat(fd).st_size, 0, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            total += pos - start
+        return total
+    finally:
+        os.close(fd)
+
+
+def test_template_is_nearly_all_holes_and_keeps_its_inode_tables_zeroed(base):
+    """Every byte of the template is copied, flushed and freed per sandbox: a 10 GiB one
+    holds well under 1 MiB (with resize_inode's reserved GDT blocks it held 4.2 MB). The
+    inode tables stay holes marked zeroed (no ext4lazyinit writing 160 MiB after mount), and
+    the filesystem still spans exactly the image (the size bound)."""
+    size = 10 * 1024**3
+    tpl = disk._template(base, size)
+    assert tpl.stat().st_size == size and _data_bytes(tpl) < 256 * 1024
+    out = subprocess.run(["dumpe2fs", str(tpl)], capture_output=True, text=True, check=True).stdout
+    groups = [l for l in out.splitlines() if l.startswith("Group ") and "(Blocks" in l]
+    assert len(groups) == size // (128 * 1024**2)
+    assert all("ITABLE_ZEROED" in g for g in groups), [g for g in groups if "ITABLE_ZEROED" not in g]
+    head = dict(l.split(":", 1) for l in out.splitlines() if ":" in l and not l.startswith(" "))
+    assert int(head["Block count"]) * int(head["Block size"]) == size
+    assert "has_journal" not in head["Filesystem features"]
+    assert "resize_inode" not in head["Filesystem features"]
+
+
+def test_teardown_never_shuts_down_a_filesystem_that_is_not_its_own(base):
+    """The disk's teardown shuts its filesystem down (EXT4_IOC_SHUTDOWN) before unmounting.
+    Whatever else is mounted on its mount point (here another sandbox's disk, bound there)
+    must never get that ioctl: it would stop that filesystem (through an empty mount point,
+    the host's own)."""
+    a = disk.create("own", 16 * MiB, base=base)
+    b = disk.create("other", 16 * MiB, base=base)
+    try:
+        assert disk._umount(a.mountpoint) == 0
+        subprocess.run(["mount", "--bind", str(b.mountpoint), str(a.mountpoint)], check=True)
+        a.remove()                                   # unmounts the bind, shuts nothing down
+        assert not disk.is_mountpoint(a.mountpoint) and not a.image.exists()
+        (b.tmp_dir / "still-writable").write_text("yes")
+        os.sync()
+        assert (b.tmp_dir / "still-writable").read_text() == "yes"
+    finally:
+        b.remove()
+    _gone(a)
+    _gone(b)
