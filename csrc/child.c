@@ -1,6 +1,8 @@
 /* The child after clone3, in its new user/mount/pid/uts/ipc/cgroup(/net) namespaces:
- * build the filesystem, pivot, drop every privilege, then become init.
- * No malloc and no stdio here (see native.h). */
+ * build the filesystem, pivot, drop every privilege, then execute init.
+ * It runs on its own stack in the caller's memory (CLONE_VM | CLONE_VFORK, spawn.c) until
+ * that exec: it writes nothing but its stack and per-task state (fds, creds, mounts,
+ * fs_struct), no malloc, no stdio, and no prctl that acts on the memory (dumpable). */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
@@ -224,8 +226,10 @@ static int drop_privileges(const struct sbx_plan *p, int last_cap, struct sbx_er
     struct __user_cap_data_struct data[2];
     memset(data, 0, sizeof data);
     SBX_TRY(e, "capabilities", syscall(SYS_capset, &hdr, data), "clear all sets");
-    /* the agent must not read init's memory or ptrace it (/proc/1/mem) */
-    SBX_TRY(e, "capabilities", prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable");
+    /* Not PR_SET_DUMPABLE here: it is a flag of the memory, which until the exec is the
+     * caller's (CLONE_VM, spawn.c). init sets it first thing after the exec, before it
+     * reports ready. Until then no process of the agent exists, and no other process on
+     * the host has this sandbox's uids (uidrange.py), so nothing could attach to us. */
     return 0;
 }
 
@@ -313,10 +317,10 @@ static int child_setup(const struct sbx_plan *p, int last_cap, int *keep, struct
 }
 
 /* Become init: execveat(2) the init program from its fd (opened by the parent on the
- * host; AT_EMPTY_PATH needs no path in our new root). The exec drops our copy of the
- * caller's memory (a clone3 copy of the whole daemon: its heap, and every page the daemon
- * writes later copied for us while we live) and its argv/environ, which /proc/1/cmdline
- * and /proc/1/environ would show. Only returns on failure. */
+ * host; AT_EMPTY_PATH needs no path in our new root). The exec leaves the caller's memory
+ * (which we share until now) and its argv/environ, which /proc/1/cmdline and
+ * /proc/1/environ would show; it also releases the caller's cloning thread (CLONE_VFORK).
+ * Only returns on failure. */
 static int exec_init(struct sbx_error *e)
 {
     for (int fd = SBX_FD_SYNC; fd <= SBX_FD_FILTER; fd++)

@@ -3,12 +3,15 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -24,6 +27,8 @@
 #define CLONE_NEWCGROUP 0x02000000
 #endif
 #define SBX_CLONE_INTO_CGROUP 0x200000000ULL
+/* The child's own stack while it shares our memory (CLONE_VM), with a guard page below. */
+#define SBX_CHILD_STACK (256 * 1024)
 
 /* struct clone_args of linux/sched.h (CLONE_ARGS_SIZE_VER2); defined here because
  * <linux/sched.h> and glibc's <sched.h> clash. */
@@ -130,12 +135,64 @@ static void kill_and_reap(int pid, int pidfd)
         ;
 }
 
+/* What the child gets: it runs child_entry() on its own stack in our memory until it
+ * executes init (sbx_child_main never returns). */
+struct child_args {
+    const struct sbx_plan *p;
+    int sync_fd, ctl_fd;          /* the child's ends */
+    int parent_sync, parent_ctl;  /* ours: the child closes its copies */
+    int last_cap;
+    const int *v1;
+};
+
+static int child_entry(void *arg)
+{
+    const struct child_args *a = arg;
+    close(a->parent_sync);
+    close(a->parent_ctl);
+    sbx_child_main(a->p, a->sync_fd, a->ctl_fd, a->last_cap, a->v1);
+}
+
+/* clone3(2) running fn(arg) in the child on the stack given in ca, like glibc's clone():
+ * with CLONE_VM the child must never return into the frames of the thread that cloned
+ * it. x86-64 syscall ABI: nr in rax, args in rdi/rsi, rcx and r11 clobbered; fn and arg
+ * ride in callee-saved r12/r13, which the child still holds after the syscall; the kernel
+ * starts the child with sp = stack + stack_size (16-byte aligned, so after the call fn
+ * sees the ABI's alignment). */
+static long clone3_run(struct sbx_clone_args *ca, int (*fn)(void *), void *arg)
+{
+    long ret;
+    register int (*r12)(void *) __asm__("r12") = fn;
+    register void *r13 __asm__("r13") = arg;
+    __asm__ volatile("syscall\n\t"
+                     "testq %%rax, %%rax\n\t"
+                     "jnz 1f\n\t"
+                     "xorl %%ebp, %%ebp\n\t" /* the child: no frame to unwind into */
+                     "movq %%r13, %%rdi\n\t"
+                     "callq *%%r12\n\t"
+                     "movq %%rax, %%rdi\n\t"
+                     "movl $60, %%eax\n\t" /* SYS_exit, should fn ever return */
+                     "syscall\n\t"
+                     "hlt\n\t"
+                     "1:\n\t"
+                     : "=a"(ret)
+                     : "0"((long)SYS_clone3), "D"(ca), "S"(sizeof *ca), "r"(r12), "r"(r13)
+                     : "rcx", "r11", "memory");
+    if (ret < 0) {
+        errno = (int)-ret;
+        return -1;
+    }
+    return ret;
+}
+
 /* clone3 with the calling thread's netns switched and its supplementary groups
  * cleared (raw syscalls: per thread, not the whole process). The child must not
  * inherit host root's groups: with setgroups "deny" it could never drop them and would
  * keep gid 0's access to host files. Restores both; a thread it cannot restore is
- * unrecoverable, so abort(). */
-static long clone_child(const struct sbx_plan *p, struct sbx_clone_args *ca, struct sbx_error *e)
+ * unrecoverable, so abort(). With CLONE_VFORK this returns once the child has executed
+ * init or died. */
+static long clone_child(const struct sbx_plan *p, struct sbx_clone_args *ca,
+                        struct child_args *args, struct sbx_error *e)
 {
     gid_t saved[256];
     int ngroups = (int)syscall(SYS_getgroups, 256, saved);
@@ -155,9 +212,7 @@ static long clone_child(const struct sbx_plan *p, struct sbx_clone_args *ca, str
             return -1;
         }
     }
-    long pid = syscall(SYS_clone3, ca, sizeof *ca);
-    if (pid == 0)
-        return 0;
+    long pid = clone3_run(ca, child_entry, args);
     int saved_errno = errno;
     if (self_ns >= 0) {
         if (setns(self_ns, CLONE_NEWNET) < 0)
@@ -172,16 +227,55 @@ static long clone_child(const struct sbx_plan *p, struct sbx_clone_args *ca, str
     return pid;
 }
 
+/* The cloning thread. CLONE_VM | CLONE_VFORK (posix_spawn's way): no copy of the
+ * caller's page tables to make, and none to tear down at the child's exec (a copy of a
+ * Python daemon cost ~2 ms each way). CLONE_VFORK parks the cloning thread until the
+ * child has executed init, and the child shares its stack-less state (errno, TLS) with
+ * that thread only, which is why it is a thread of its own: the calling thread must stay
+ * free to write the child's uid/gid maps while the child waits for them. Every signal is
+ * blocked here, so none reaches the child before it resets the dispositions it copied
+ * (Python's handler would run in the child and write into our memory). */
+struct clone_job {
+    const struct sbx_plan *p;
+    struct sbx_clone_args *ca;
+    struct child_args *args;
+    struct sbx_error err;
+    long pid;
+};
+
+static void *clone_thread(void *arg)
+{
+    struct clone_job *j = arg;
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, NULL);
+    j->pid = clone_child(j->p, j->ca, j->args, &j->err);
+    if (j->pid < 0) /* no child: tell the waiting caller through the child's end */
+        sbx_send_msg(j->args->sync_fd, MSG_ERROR, &j->err);
+    return NULL;
+}
+
 int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error *e)
 {
     int sync[2] = {-1, -1}, ctl[2] = {-1, -1}, pidfd = -1, v1[SBX_MAX_V1];
+    pid_t child_tid = 0;                 /* CLONE_PARENT_SETTID stores a pid_t */
+    void *stack = MAP_FAILED;
+    pthread_t cloner;
+    int cloner_started = 0;
     struct sbx_msg m;
+    memset(&m, 0, sizeof m);
     memset(e, 0, sizeof *e);
     out->pid = out->pidfd = out->ctl_fd = -1;
 
     int last_cap = sbx_cap_last_cap();
     if (last_cap < 0)
         return sbx_fail(e, "capabilities", "read", "/proc/sys/kernel/cap_last_cap");
+    /* The child's uid change marks the memory it shares with us non-dumpable anyway
+     * (commit_creds, kernel/cred.c: set_dumpable(mm, suid_dumpable)); do it on purpose,
+     * first: the caller holds what no sandbox may see (token secrets, the audit key), so
+     * no core dump of it and no ptrace without CAP_SYS_PTRACE. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0)
+        return sbx_fail(e, "clone", "prctl", "caller non-dumpable");
     if (open_v1_tasks(p, v1, e) < 0)
         return -1;
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sync) < 0) {
@@ -192,11 +286,25 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
         sbx_fail(e, "clone", "socketpair", "control");
         goto fail_fds;
     }
+    /* A child that neither reports nor dies (a bug, or a host so loaded it cannot finish)
+     * must not hold this thread forever: recv fails with EAGAIN after the timeout and the
+     * child is killed like any other failed setup (socket(7) SO_RCVTIMEO). */
+    struct timeval tmo = {.tv_sec = SBX_SETUP_TIMEOUT_S};
+    if (setsockopt(sync[0], SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof tmo) < 0) {
+        sbx_fail(e, "clone", "setsockopt", "setup timeout");
+        goto fail_fds;
+    }
+    stack = mmap(NULL, SBX_CHILD_STACK, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED || mprotect(stack, 4096, PROT_NONE) < 0) {
+        sbx_fail(e, "clone", "mmap", "child stack");
+        goto fail_fds;
+    }
 
     struct sbx_clone_args ca;
     memset(&ca, 0, sizeof ca);
     ca.flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC |
-               CLONE_NEWCGROUP | CLONE_PIDFD;
+               CLONE_NEWCGROUP | CLONE_PIDFD | CLONE_PARENT_SETTID | CLONE_VM | CLONE_VFORK;
     if (p->netns_fd < 0)
         ca.flags |= CLONE_NEWNET;
     if (p->cgroup2_fd >= 0) {
@@ -204,35 +312,38 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
         ca.cgroup = (uint64_t)p->cgroup2_fd;
     }
     ca.pidfd = (uint64_t)(uintptr_t)&pidfd;
+    ca.parent_tid = (uint64_t)(uintptr_t)&child_tid; /* both written before the child runs */
     ca.exit_signal = SIGCHLD;
+    ca.stack = (uint64_t)(uintptr_t)stack;
+    ca.stack_size = SBX_CHILD_STACK;
 
-    long pid = clone_child(p, &ca, e);
-    if (pid == 0) {
-        close(sync[0]);
-        close(ctl[0]);
-        sbx_child_main(p, sync[1], ctl[1], last_cap, v1);
+    struct child_args args = {p, sync[1], ctl[1], sync[0], ctl[0], last_cap, v1};
+    struct clone_job job = {.p = p, .ca = &ca, .args = &args, .pid = -1};
+    int rc = pthread_create(&cloner, NULL, clone_thread, &job);
+    if (rc != 0) {
+        errno = rc;
+        sbx_fail(e, "clone", "pthread_create", "cloning thread");
+        goto fail_fds;
     }
-    close_all(v1, p->n_cgroup_v1); /* the child has its copies */
-    if (pid < 0)
-        goto fail_socks;
+    cloner_started = 1;
+
+    /* READY means the child exists (and has copied our fds): ours for it can go. Until the
+     * maps are written it waits; then it builds the sandbox and executes init, which
+     * reports SETUP_DONE. */
+    if (sbx_recv_msg(sync[0], &m) < 0 || m.kind != MSG_CHILD_READY) {
+        if (m.kind == MSG_ERROR && job.pid < 0)
+            *e = m.e; /* clone3 failed: the cloning thread said why */
+        else
+            sbx_fail(e, "clone", "recv", "child did not report ready");
+        goto fail_child;
+    }
+    int pid = child_tid;
+    close_all(v1, p->n_cgroup_v1);
     close(sync[1]);
     close(ctl[1]);
     sync[1] = ctl[1] = -1;
-
-    /* The child exists once clone3 returns: map it right away (it waits for
-     * MSG_MAPS_WRITTEN before doing anything), then collect its READY; one round trip
-     * less on the hot path. */
-    struct timeval tmo = {.tv_sec = SBX_SETUP_TIMEOUT_S};
-    if (setsockopt(sync[0], SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof tmo) < 0) {
-        sbx_fail(e, "clone", "setsockopt", "setup timeout");
+    if (write_maps(p, pid, e) < 0)
         goto fail_child;
-    }
-    if (write_maps(p, (int)pid, e) < 0)
-        goto fail_child;
-    if (sbx_recv_msg(sync[0], &m) < 0 || m.kind != MSG_CHILD_READY) {
-        sbx_fail(e, "clone", "recv", "child did not report ready");
-        goto fail_child;
-    }
     if (sbx_send_msg(sync[0], MSG_MAPS_WRITTEN, NULL) < 0) {
         sbx_fail(e, "clone", "send", "maps written");
         goto fail_child;
@@ -248,20 +359,30 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
             sbx_fail(e, "setup", "recv", "unexpected message");
         goto fail_child;
     }
+    pthread_join(cloner, NULL); /* returned at the child's exec, before SETUP_DONE */
+    munmap(stack, SBX_CHILD_STACK);
     close(sync[0]);
-    out->pid = (int)pid;
+    out->pid = pid;
     out->pidfd = pidfd;
     out->ctl_fd = ctl[0];
     return 0;
 
 fail_child:
-    kill_and_reap((int)pid, pidfd);
+    /* the child may still be before its exec: the kill ends it and frees the cloning
+     * thread, whose clone3 returns; only then is the child's stack ours again */
+    if (child_tid)
+        kill_and_reap((int)child_tid, pidfd);
     if (pidfd >= 0)
         close(pidfd);
-    goto fail_socks;
+    pthread_join(cloner, NULL);
+    cloner_started = 0;
 fail_fds:
-    close_all(v1, p->n_cgroup_v1);
-fail_socks:
+    if (cloner_started)
+        pthread_join(cloner, NULL);
+    if (sync[1] >= 0) /* still ours: the child never got its copies counted as closed */
+        close_all(v1, p->n_cgroup_v1);
+    if (stack != MAP_FAILED)
+        munmap(stack, SBX_CHILD_STACK);
     for (int i = 0; i < 2; i++) {
         if (sync[i] >= 0)
             close(sync[i]);
