@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import pkgutil
+import os
 import sys
 
 import sandbox.cli.commands as _commands
 
 
 def _command_names() -> list[str]:
-    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(_commands.__path__)
-                  if not m.name.startswith("_"))
+    """The modules of sandbox/cli/commands (a listdir: pkgutil alone cost ~3 ms to import)."""
+    names = set()
+    for path in _commands.__path__:
+        for f in os.listdir(path):
+            stem, dot, ext = f.rpartition(".")
+            if dot and ext in ("py", "pyc") and stem.isidentifier() and not stem.startswith("_"):
+                names.add(stem.replace("_", "-"))
+    return sorted(names)
 
 
 def _load(name: str):
