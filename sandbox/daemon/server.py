@@ -31,6 +31,7 @@ from sandbox.daemon.config import DaemonConfig
 from sandbox.daemon.engine import call_blocking
 from sandbox.daemon.errors import BadRequest, Forbidden, StateError, TooMany, status_of
 from sandbox.daemon.metrics import Metrics
+from sandbox.daemon.policies import PolicyCache
 from sandbox.daemon.state import Registry, SandboxRecord, new_sandbox_id, valid_sandbox_id
 from sandbox.daemon.tokens import CEILING_FIELDS, TokenScope, TokenStore
 from sandbox.errors import AuthError, NotFoundError, PolicyError, SandboxError, TeardownError
@@ -149,6 +150,7 @@ class Daemon:
         self.auth = Authorizer(self.tokens, admin_group=config.admin_group,
                                client_group=config.client_group)
         self.registry = Registry()
+        self.policies = PolicyCache()
         # Tests only: hold every teardown this long, so a test can crash the daemon between
         # a destroy's answer (?wait=false) and the end of its teardown.
         self._teardown_delay = float(os.environ.get("SANDBOXD_TEST_TEARDOWN_DELAY") or 0)
@@ -341,7 +343,6 @@ class Daemon:
         if not _POLICY_NAME.fullmatch(name):
             raise BadRequest("policy: a policy name (letters, digits, - and _), not a path")
         overrides = body.get("overrides") or {}
-        from sandbox.policy import load_policy
         workspace = body.get("workspace")
         if p.token is not None:
             scope = p.token.scope
@@ -352,8 +353,7 @@ class Daemon:
             if not workspace.startswith("/") or not os.path.isdir(workspace):
                 raise BadRequest("workspace: must be an existing absolute host directory")
             workspace = os.path.realpath(workspace)
-        base = load_policy(name)
-        final = load_policy(name, overrides) if overrides else base
+        base, final = self.policies.load_pair(name, overrides)
         if p.token is not None:
             bounds.check_within(p.token.scope, base, final)
             if self.registry.count_token(p.token_id) >= p.token.scope.max_sandboxes:
@@ -586,6 +586,13 @@ class Daemon:
         return round((time.perf_counter() - t0) * 1000, 3)
 
     # -- exec and output release ----------------------------------------------------------
+    def _scanner(self, rec: SandboxRecord):
+        """The sandbox's scanner, looked up once (the engine's cache key hashes the policy)."""
+        if rec.scanner is None:
+            rec.scanner = self.policies.memo(rec.policy, "scanner",
+                                             lambda: self.engine.scanner(rec.policy))
+        return rec.scanner
+
     async def exec(self, request):
         p = self._need_sandbox_rights(request)
         rec = self._lookup(request, p)
@@ -603,8 +610,9 @@ class Daemon:
         if rec.state != "running":
             raise StateError(f"sandbox {rec.id} is {rec.state}"
                              + (" waiting for an operator" if rec.state == "held" else ""))
-        scanner = self.engine.scanner(rec.policy)
-        streams = {"stdout": scanner.stream(salt=bytes.fromhex(rec.salt)), "stderr": scanner.stream(salt=bytes.fromhex(rec.salt))}
+        scanner = self._scanner(rec)
+        salt = bytes.fromhex(rec.salt)
+        streams = {"stdout": scanner.stream(salt=salt), "stderr": scanner.stream(salt=salt)}
         queue: asyncio.Queue = asyncio.Queue(maxsize=64)
 
         async def on_output(stream: str, data: bytes):
@@ -852,7 +860,7 @@ class Daemon:
                 raise
             return web.json_response({"path": path, "entries": await call_blocking(
                 files.list_dir, rec.handle.workspace, path)})
-        st = self.engine.scanner(rec.policy).stream(salt=bytes.fromhex(rec.salt))
+        st = self._scanner(rec).stream(salt=bytes.fromhex(rec.salt))
         results = [st.feed(data), st.finish()]
         findings = [f.to_dict() for r in results for f in r.findings]
         for fd in findings:

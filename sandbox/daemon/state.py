@@ -37,6 +37,7 @@ class SandboxRecord:
     findings: int = 0
     expiry_timer: object = None         # asyncio.TimerHandle for policy.timeout
     teardown: object = None             # asyncio.Task of the one destroy in flight (shared)
+    scanner: object = None              # the policy's scanner, looked up at the first use
     salt: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def summary(self) -> dict:
