@@ -316,7 +316,16 @@ class Sandbox:
         ctx.extra["ctl"] = self._ctl
         self._dead_reason: tuple[str, str] | None = None
         self._destroyed = False
-        self._timer = threading.Timer(ctx.policy.timeout, self._expire)
+        self._timer = None
+        self.restart_lifetime()
+
+    def restart_lifetime(self):
+        """Count the sandbox's lifetime (policy.timeout) from now: at creation, and again
+        when a warm sandbox is handed out of a pool (sandbox/runtime/pool.py)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self.created = time.time()
+        self._timer = threading.Timer(self.ctx.policy.timeout, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
