@@ -925,31 +925,29 @@ class Daemon:
             kill_ms = await self._kill_now(recs)
         except BaseException:
             self._finish_kills(recs, "token revoked", p)   # whatever is left is torn down
-            raise
-        finally:
-            saved_error = None
             if saving is not None:
-                try:
-                    await saving
-                except Exception as e:  # noqa: BLE001 - refused in memory; say it is not durable
-                    saved_error = e
+                saving.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
         log.info("token %s revoked: killed %d sandboxes in %.3f ms", tok.id, len(recs), kill_ms)
         self._record("token_revoke", p, resource=tok.id,
-                     outcome="ok" if saved_error is None else "error",
-                     details={"sandboxes": len(recs), "kill_ms": kill_ms,
-                              **({"persist_error": type(saved_error).__name__}
-                                 if saved_error is not None else {})})
-        if saved_error is not None:
+                     details={"sandboxes": len(recs), "kill_ms": kill_ms})
+        # The token file and the audit record go to disk side by side.
+        saved, logged = await asyncio.gather(saving or asyncio.sleep(0), self.audit.durable(),
+                                             return_exceptions=True)
+        if isinstance(saved, BaseException):
             log.error("token %s revoked in memory and its sandboxes killed, but the token "
-                      "file could not be written: %s", tok.id, saved_error)
+                      "file could not be written: %s", tok.id, saved)
+            self._record("token_revoke_not_durable", p, resource=tok.id, outcome="error",
+                         details={"persist_error": type(saved).__name__})
             self._finish_kills(recs, "token revoked", p)
             return self._error(503, "NotDurable", f"token {tok.id} is refused and its "
                                f"{len(recs)} sandboxes were killed, but the revocation could "
                                "not be saved (it would not survive a restart); retry")
         resp = web.json_response({**tok.public(), "killed": len(recs), "kill_ms": kill_ms})
+        if isinstance(logged, BaseException):
+            resp = await self._after_durable(resp)       # the audit log failed: 503, not an ack
         # Answer first, then start the teardowns: they would compete with the reply for the
         # interpreter, and nothing of the token's sandboxes runs any more.
-        resp = await self._after_durable(resp)
         try:
             await resp.prepare(request)
             await resp.write_eof()

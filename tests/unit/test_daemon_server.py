@@ -115,6 +115,23 @@ def test_revoke_kills_only_that_tokens_sandboxes(d, admin):
         assert [s["id"] for s in cb.list()] == [sb]
 
 
+def test_revoke_that_cannot_be_saved_is_refused_and_killed_but_not_acknowledged(d, admin):
+    a, aid = _token(admin)
+    with Client(d.socket, token=a) as ca:
+        sa = ca.create()["id"]
+
+        def broken_save():
+            raise OSError(28, "No space left on device")
+        d.daemon.tokens.save = broken_save
+        with pytest.raises(DaemonError) as e:
+            admin.revoke_token(aid)
+        assert e.value.status == 503 and e.value.kind == "NotDurable"
+        assert d.engine.handles[sa].killed                   # killed all the same
+        with pytest.raises(DaemonError) as e:
+            ca.list()
+        assert e.value.status == 401                          # and refused in memory
+
+
 def test_expiry_kills_the_tokens_sandboxes(d, admin):
     a, _ = _token(admin, ttl=0.5)
     b, _ = _token(admin)
