@@ -3,11 +3,17 @@
 
 Measured in the same run, as references:
   - bwrap --unshare-all (no network, no limits configured) running /bin/true;
-  - the in-process engine (Sandbox.create / exec / destroy, no daemon, no HTTP);
-  - the daemon API, 200 times sequentially and with 8 concurrent clients.
+  - the in-process engine (Sandbox.create / exec / destroy, no daemon, no HTTP), sequential
+    and in 8 threads (the engine's own ceiling in one process);
+  - the daemon API, 200 times sequentially and with 8 concurrent clients, also with
+    `destroy(wait=False)` (the answer comes once the processes are gone; the teardown runs
+    in the background and still costs the daemon's CPU, so throughput shows it);
+  - revocation of a token with 1 and 8 sandboxes running `sleep`: request to the last
+    process gone, seen from outside (scripts/bench_revoke.py has the full table).
 
-Prints medians, p95 and sandboxes per second, plus where the API time goes (create, exec,
-destroy, as seen by the client). Needs root. Usage: scripts/bench_daemon.py [-n 200] [-c 8]
+Prints medians, p95 and sandboxes per second, where the API time goes (create, exec,
+destroy, as seen by the client) and the daemon's CPU per sandbox (all its threads; the
+engine runs inside it). Needs root. Usage: scripts/bench_daemon.py [-n 200] [-c 8]
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
 # Full isolation (cgroup limits, bounded disk, seccomp, no network) with a small disk so
 # 8 concurrent sandboxes fit the host's disk budget; the default 10 GiB image changes the
 # size of the ext4 image only.
@@ -88,28 +95,38 @@ def bench_bwrap(n: int, clients: int) -> list[dict]:
             stats(f"bwrap --unshare-all, {clients} concurrent", par, pwall)]
 
 
-def bench_engine(n: int, run_dir: Path, overrides: dict, label: str) -> list[dict]:
+def bench_engine(n: int, run_dir: Path, overrides: dict, label: str,
+                 threads: int = 1) -> list[dict]:
     from sandbox.policy import load_policy
     from sandbox.runtime.sandbox import Sandbox
     policy = load_policy("default", overrides)
-    loop = asyncio.new_event_loop()
+    loops = [asyncio.new_event_loop() for _ in range(threads)]
 
-    def one(_):
+    def one(i):
         sb = Sandbox.create(policy, state_dir=run_dir)
         try:
-            res = loop.run_until_complete(sb.exec(["/bin/true"]))
+            res = loops[i].run_until_complete(sb.exec(["/bin/true"]))
             assert res.exit_code == 0, res
         finally:
             sb.destroy()
     try:
-        times, wall = concurrently(n, 1, one)
+        times, wall = concurrently(n, threads, one)
     finally:
-        loop.close()
-    return [stats(f"in-process engine, sequential{label}", times, wall)]
+        for loop in loops:
+            loop.close()
+    how = "sequential" if threads == 1 else f"{threads} threads"
+    return [stats(f"in-process engine, {how}{label}", times, wall)]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads (proc(5): fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_api(n: int, clients: int, sock: str, overrides: dict = OVERRIDES,
-              label: str = "") -> tuple[list[dict], dict]:
+              label: str = "", wait: bool = True,
+              pid: int | None = None) -> tuple[list[dict], dict]:
     conns = [Client(sock) for _ in range(clients)]
     parts: dict[str, list[float]] = {"create": [], "exec": [], "destroy": []}
     lock = threading.Lock()
@@ -121,7 +138,7 @@ def bench_api(n: int, clients: int, sock: str, overrides: dict = OVERRIDES,
         t1 = time.perf_counter()
         res = c.exec(sid, ["/bin/true"])
         t2 = time.perf_counter()
-        c.destroy(sid)
+        c.destroy(sid, wait=wait)
         t3 = time.perf_counter()
         assert res.exit_code == 0, res
         with lock:
@@ -130,17 +147,35 @@ def bench_api(n: int, clients: int, sock: str, overrides: dict = OVERRIDES,
             parts["destroy"].append(t3 - t2)
     def med(v):
         return round(statistics.median(v) * 1000, 2) if v else None
+
+    def settled():
+        """No sandbox left (background teardowns of wait=False included)."""
+        for _ in range(600):
+            if not conns[0].list():
+                return
+            time.sleep(0.05)
+    cpu = {}
+    c0 = _cpu_seconds(pid) if pid else 0.0
     seq, wall = concurrently(n, 1, one)
+    settled()
+    c1 = _cpu_seconds(pid) if pid else 0.0
     breakdown = {k: med(v) for k, v in parts.items()}
     for v in parts.values():
         v.clear()
     par, pwall = concurrently(n, clients, one)
+    settled()
+    c2 = _cpu_seconds(pid) if pid else 0.0
     breakdown_par = {k: med(v) for k, v in parts.items()}
     for c in conns:
         c.close()
+    if pid:
+        cpu = {f"daemon_cpu_ms_per_sandbox{label}": {
+            "sequential": round((c1 - c0) * 1000 / max(1, len(seq)), 2),
+            "concurrent": round((c2 - c1) * 1000 / max(1, len(par)), 2)}}
     return ([stats(f"sandboxd API, sequential{label}", seq, wall),
              stats(f"sandboxd API, {clients} concurrent clients{label}", par, pwall)],
-            {f"sequential_median_ms{label}": breakdown, f"concurrent_median_ms{label}": breakdown_par})
+            {f"sequential_median_ms{label}": breakdown, f"concurrent_median_ms{label}": breakdown_par,
+             **cpu})
 
 
 def bench_roundtrip(n: int, clients: int, sock: str) -> list[dict]:
@@ -154,29 +189,19 @@ def bench_roundtrip(n: int, clients: int, sock: str) -> list[dict]:
             stats(f"API round trip GET /v1/health, {clients} concurrent", par, pwall)]
 
 
-def bench_revoke(sock: str, rounds: int, per_token: int = 2) -> list[dict]:
-    """Revocation: request -> every process of the token's sandboxes gone. The daemon
-    reports kill_ms (cgroup.kill of each sandbox until its cgroup.events says empty); the
-    client-side time adds the HTTP round trip."""
-    admin = Client(sock)
-    server, client = [], []
-    for _ in range(rounds):
-        tok = admin.grant_token(name="bench-revoke", ceiling={"memory": "1GiB"})
-        with Client(sock, token=tok["token"]) as c:
-            for _ in range(per_token):
-                c.create("default", OVERRIDES)
-        t0 = time.perf_counter()
-        out = admin.revoke_token(tok["id"])
-        client.append(time.perf_counter() - t0)
-        server.append(out["kill_ms"] / 1000)
-        for _ in range(200):                 # wait for the background destroys
-            if not admin.list():
-                break
-            time.sleep(0.05)
-    admin.close()
-    return [stats(f"revoke, {per_token} sandboxes: kill until empty (daemon)", server, sum(server)),
-            stats(f"revoke, {per_token} sandboxes: request to response (client)", client,
-                  sum(client))]
+def bench_revoke(sock: str, rounds: int, sizes=(1, 8)) -> list[dict]:
+    """Revocation with `sleep` running in each sandbox: request to the last process gone,
+    observed from outside through pidfds (scripts/bench_revoke.py), and to the response."""
+    import bench_revoke
+    out = []
+    with Client(sock) as admin:
+        for k in sizes:
+            res = [bench_revoke.one_round(admin, sock, k) for _ in range(rounds)]
+            for key, label in (("gone", "last process gone"), ("response", "response")):
+                v = [r[key] for r in res]
+                out.append(stats(f"revoke, {k} sandboxes running sleep: request -> {label}",
+                                 v, sum(v)))
+    return out
 
 
 def main() -> int:
@@ -195,23 +220,30 @@ def main() -> int:
         rows.extend(new_rows)
         if not args.json:
             for r in new_rows:
-                print(f"{r['name']:<58} {r['n']:>5} {r['median_ms']:>10} {r['p95_ms']:>8} "
+                print(f"{r['name']:<68} {r['n']:>5} {r['median_ms']:>10} {r['p95_ms']:>8} "
                       f"{r['per_s']:>7}", flush=True)
     if not args.json:
-        print(f"{'what':<58} {'n':>5} {'median ms':>10} {'p95 ms':>8} {'per s':>7}", flush=True)
+        print(f"{'what':<68} {'n':>5} {'median ms':>10} {'p95 ms':>8} {'per s':>7}", flush=True)
     show(bench_bwrap(args.n, args.clients))
     with tempfile.TemporaryDirectory(prefix=f"sbxt-{os.getpid()}-bench-") as tmp:
         show(bench_engine(args.n, Path(tmp), OVERRIDES, ""))
         show(bench_engine(args.n, Path(tmp), NO_DISK, " (no disk image)"))
+        show(bench_engine(args.n, Path(tmp), NO_DISK, " (no disk image)", args.clients))
     d = DaemonProc().start()
     try:
+        pid = d.proc.pid                      # unshare execs the daemon: same process
         show(bench_roundtrip(10 * args.n, args.clients, d.socket))
-        more, breakdown = bench_api(args.n, args.clients, d.socket)
+        more, breakdown = bench_api(args.n, args.clients, d.socket, pid=pid)
         show(more)
-        more, b2 = bench_api(args.n, args.clients, d.socket, NO_DISK, " (no disk image)")
+        more, b2 = bench_api(args.n, args.clients, d.socket, NO_DISK, " (no disk image)",
+                             pid=pid)
         show(more)
         breakdown.update(b2)
-        show(bench_revoke(d.socket, max(5, args.n // 10)))
+        more, b3 = bench_api(args.n, args.clients, d.socket, OVERRIDES,
+                             " (destroy wait=false)", wait=False, pid=pid)
+        show(more)
+        breakdown.update(b3)
+        show(bench_revoke(d.socket, max(5, args.n // 20)))
         metrics = Client(d.socket).metrics()
     finally:
         left = d.stop()
@@ -221,7 +253,8 @@ def main() -> int:
     if args.json:
         print(json.dumps({"rows": rows, "api_breakdown": breakdown, "errors": ERRORS}, indent=1))
         return 0
-    print("API time by call (client-side medians, ms):", json.dumps(breakdown))
+    print("API time by call (client-side medians, ms) and daemon CPU per sandbox:",
+          json.dumps(breakdown))
     hist = [ln for ln in metrics.splitlines() if ln.startswith("sandboxd_create_seconds_")
             and ("_sum" in ln or "_count" in ln)]
     print("daemon-side create:", ", ".join(hist))
