@@ -124,6 +124,30 @@ def _build(exprs, ids):
                         f"(rules: {', '.join(t.rule.id for _, _, t in exprs)})") from None
 
 
+_BUILD_ID = None
+
+
+def _hs_build() -> str:
+    """What a compiled database depends on besides its expressions: the hyperscan library's
+    version and the CPU features it compiles for (db.info() of a one-literal probe, e.g.
+    "Version: 5.4.12 Features: AVX2 Mode: BLOCK"). The binding's version alone does not pin
+    them: the same binding links different library builds, and a database compiled for
+    other CPU features must never be reused. Computed once per process (~3 ms)."""
+    global _BUILD_ID
+    if _BUILD_ID is None:
+        probe = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        probe.compile(expressions=[b"a"], ids=[0], elements=1, flags=[0])
+        _BUILD_ID = _info_id(probe)
+    return _BUILD_ID
+
+
+def _info_id(db) -> str:
+    """The library version and feature string of a database, without its mode."""
+    info = db.info()
+    info = info.decode("ascii", "replace") if isinstance(info, bytes) else str(info)
+    return " ".join(info.split("Mode:")[0].split())
+
+
 def _compile(exprs, ids, key: str, use_cache: bool):
     """Compile, or load from the on-disk cache keyed by the rules hash, one block database;
     returns (database, per-expression SOM flags).
@@ -134,14 +158,21 @@ def _compile(exprs, ids, key: str, use_cache: bool):
     # the key names exactly what is compiled (expressions, flags, ids), not only the rules: a
     # cache written by an engine that grouped the triggers differently is never loaded
     what = hashlib.sha256(repr([(e, f) for e, f, _ in exprs] + [ids]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"scan-{key}-{what}-hs{hyperscan.__version__}.db"
+    # ... and the library build that compiled it: binding version, library version and CPU
+    # features (a database built for AVX2 must not be loaded by a build without it, and a
+    # library upgrade recompiles instead of trusting its loader to refuse old databases)
+    build = _hs_build()
+    lib = hashlib.sha256(build.encode()).hexdigest()[:12]
+    path = _cache_dir() / f"scan-{key}-{what}-hs{hyperscan.__version__}-{lib}.db"
     if use_cache:
         try:
             st = path.stat()
             if st.st_uid == os.geteuid() and not st.st_mode & 0o022:
                 blob = path.read_bytes()
                 som = [c == 0x31 for c in blob[:len(exprs)]]
-                return hyperscan.loadb(blob[len(exprs):], hyperscan.HS_MODE_BLOCK), som
+                db = hyperscan.loadb(blob[len(exprs):], hyperscan.HS_MODE_BLOCK)
+                if _info_id(db) == build:
+                    return db, som
         except (OSError, hyperscan.error):
             pass                      # missing or unusable cache: compile
     db, som = _build(exprs, ids)

@@ -248,6 +248,43 @@ def test_compiled_database_cache_round_trip(tmp_path, monkeypatch):
     assert summary(first.scan(data).findings) == summary(second.scan(data).findings)
 
 
+@pytest.mark.parametrize("other", ["Version: 9.9.9 Features:", "Version: {v} Features: AVX512"])
+def test_cache_key_names_the_library_version_and_cpu_features(tmp_path, monkeypatch, other):
+    """A database compiled by another hyperscan library, or for other CPU features, is never
+    loaded: the cache file name carries both (db.info()), not only the binding's version."""
+    from sandbox.scan import engine
+    monkeypatch.setenv("SANDBOXD_SCAN_CACHE", str(tmp_path))
+    real = engine._hs_build()
+    assert real.startswith("Version: ") and "Features:" in real
+    Scanner(CACHE_RULES)
+    ours = sorted(tmp_path.iterdir())
+    compiled = []
+    build = engine._build
+    monkeypatch.setattr(engine, "_build", lambda *a: compiled.append(1) or build(*a))
+    Scanner(CACHE_RULES)
+    assert compiled == [] and sorted(tmp_path.iterdir()) == ours     # same build: loaded
+    version = real.split()[1]
+    monkeypatch.setattr(engine, "_BUILD_ID", other.format(v=version))
+    Scanner(CACHE_RULES)
+    assert len(compiled) == 2                                       # other build: compiled
+    assert len(set(tmp_path.iterdir()) - set(ours)) == 2
+
+
+def test_a_cached_database_of_another_build_is_recompiled(tmp_path, monkeypatch):
+    """Even under the right name, a cached database whose db.info() differs from this
+    library's is compiled again rather than used."""
+    from sandbox.scan import engine
+    monkeypatch.setenv("SANDBOXD_SCAN_CACHE", str(tmp_path))
+    Scanner(CACHE_RULES)
+    compiled = []
+    build = engine._build
+    monkeypatch.setattr(engine, "_build", lambda *a: compiled.append(1) or build(*a))
+    monkeypatch.setattr(engine, "_info_id", lambda db: "Version: 0.0.0 Features: none")
+    monkeypatch.setattr(engine, "_BUILD_ID", engine._hs_build())       # name unchanged
+    Scanner(CACHE_RULES)
+    assert len(compiled) == 2
+
+
 def test_a_cache_others_can_write_is_ignored(tmp_path, monkeypatch):
     monkeypatch.setenv("SANDBOXD_SCAN_CACHE", str(tmp_path))
     Scanner(CACHE_RULES)
