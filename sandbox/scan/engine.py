@@ -23,6 +23,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from bisect import bisect_right
 from pathlib import Path
 
 import hyperscan
@@ -31,7 +32,7 @@ from sandbox.errors import ScanError
 from sandbox.scan.decoders import DECODE, TRIGGERS, is_text
 from sandbox.scan.findings import ACTION_RANK, Finding, ScanResult, masked_preview, salted_hash
 from sandbox.scan.rules import Rule, load_rules, rules_hash
-from sandbox.scan.validators import VALIDATORS, is_placeholder, shannon_entropy
+from sandbox.scan.validators import AT_TRIGGER, VALIDATORS, is_placeholder, shannon_entropy
 
 # Control bytes that do not occur in text output (TAB, LF, VT, FF, CR and ESC for colours do).
 BINARY_TRIGGER = r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]"
@@ -43,6 +44,12 @@ KEEP_MIN = 128 * 1024          # glibc's default mmap threshold: larger blocks a
 CONTEXT = 64                  # released bytes kept before the tail for lookbehinds
 SLACK = 16                    # lookaround margin added to windows
 MAX_DEPTH = 2                 # decode-and-rescan nesting (base64 of hex of a secret)
+# Decoded texts of one buffer are rescanned in one hyperscan pass, joined with SEP. No trigger
+# crosses it: triggers that may span lines do so only over whitespace, '=', ':' and quotes
+# (azure keys, generic assignments), never over \x01; value classes exclude whitespace. The
+# leading anchor of run triggers ([^A-Za-z0-9+/_-] and alike) matches its last '\n' as it
+# would match the start of a lone text. Binary detection is off for decoded text.
+SEP = b"\n\x01\n"
 # Triggers are compiled into two databases: the literal-anchored ones (every secret rule, the
 # e-mail '@', E.164 '+', percent '%', binary control bytes), which hyperscan runs at memory
 # speed, and the ones made of character classes only (card/SSN/phone digit runs, base64 and
@@ -247,16 +254,27 @@ class Scanner:
     # -- the block scan -------------------------------------------------------------------
 
     def _hits(self, buf: bytes) -> dict:
-        hits: dict = {}
+        """{trigger id: [(from, to), ...]} of every hyperscan database over buf. The
+        callback appends the argument tuple the call already built (no allocation of its
+        own); grouping by id happens once afterwards."""
+        raw: list = []
+        append = raw.append
 
-        def on(i, frm, to, _flags, _ctx):
-            hits.setdefault(i, []).append((frm, to))
+        def on(*event):
+            append(event)
 
         scratches = getattr(self._local, "scratches", None)
         if scratches is None:
             scratches = self._local.scratches = [hyperscan.Scratch(db) for db in self._dbs]
         for db, scratch in zip(self._dbs, scratches):
             db.scan(buf, match_event_handler=on, scratch=scratch)
+        hits: dict = {}
+        for i, frm, to, _flags, _ctx in raw:
+            got = hits.get(i)
+            if got is None:
+                hits[i] = [(frm, to)]
+            else:
+                got.append((frm, to))
         return hits
 
     def find(self, buf: bytes, depth: int = 0, detect_binary: bool = True) -> list:
@@ -264,6 +282,9 @@ class Scanner:
         hits = self._hits(buf)
         if not hits:
             return []
+        return self._found(buf, hits, depth, detect_binary)
+
+    def _found(self, buf: bytes, hits: dict, depth: int, detect_binary: bool) -> list:
         by_rule: dict = {}
         for i, ends in hits.items():
             trig = self._triggers[i]
@@ -276,35 +297,87 @@ class Scanner:
                     break
             else:
                 same.append((trig, ends))
-        found = []
+        found: list = []
+        pending = []              # encoded candidates: rescanned together, below
         for index in sorted(by_rule):
             for trig, ends in by_rule[index]:
                 rule = trig.rule
                 if rule.kind == "encoded":
                     if depth < self.max_depth:
-                        found += self._decoded(buf, trig, ends, depth)
+                        slot: list = []
+                        cands = self._candidates(buf, trig, ends, slot)
+                        if cands:
+                            found.append(slot)   # keeps rule order for _resolve's ties
+                            pending += cands
                 elif rule.kind == "binary":
                     if detect_binary:
                         found += _binary(buf, ends[0][1], rule)
                 else:
                     found += _confirm(buf, trig, ends, self._rejected)
-        return _resolve(found)
+        if not pending:
+            return _resolve(found)
+        results = self._find_many([c[2] for c in pending], depth + 1)
+        for (start, end, _decoded, decoder, slot), inner_found in zip(pending, results):
+            for _s, _e, inner, value, enc in inner_found:
+                slot.append((start, end, inner, value, (decoder,) + enc))
+        flat = []
+        for f in found:
+            if type(f) is list:
+                flat += f
+            else:
+                flat.append(f)
+        return _resolve(flat)
 
-    def _decoded(self, buf, trig, ends, depth):
+    def _candidates(self, buf, trig, ends, slot) -> list:
+        """Decoded text runs of one encoded rule: (start, end, decoded, decoder, slot)."""
         out, done = [], -1
         rule = trig.rule
+        decode = DECODE[rule.decoder]
         for _, to in sorted(ends):
             if to <= done:
                 continue
-            cand = DECODE[rule.decoder](buf, to, trig.trig_len, rule.max_len)
+            cand = decode(buf, to, trig.trig_len, rule.max_len)
             if cand is None:
                 continue
             start, end, decoded = cand
             done = end
             if len(decoded) < rule.min_len or not is_text(decoded, 0.8) or decoded == buf[start:end]:
                 continue
-            for _s, _e, inner, value, enc in self.find(decoded, depth + 1, detect_binary=False):
-                out.append((start, end, inner, value, (rule.decoder,) + enc))
+            out.append((start, end, decoded, rule.decoder, slot))
+        return out
+
+    def _find_many(self, texts: list, depth: int) -> list:
+        """find() of each text (no binary detection), with ONE hyperscan pass per database
+        over all of them: a feed's decoded texts (~6 per 64 KiB of build log, each a few
+        hundred bytes) cost one call instead of one per text. They are joined with SEP, which
+        no trigger can match across (see SEP); each trigger goes to the text it ends in, and
+        confirmation runs on that text alone, exactly as a separate scan would."""
+        if len(texts) == 1:
+            return [self.find(texts[0], depth, detect_binary=False)]
+        joined = SEP.join(texts)
+        hits = self._hits(joined)
+        out = [[] for _ in texts]
+        if not hits:
+            return out
+        bounds, at = [], 0
+        for t in texts:
+            bounds.append((at, at + len(t)))
+            at += len(t) + len(SEP)
+        starts = [b[0] for b in bounds]
+        per_text: list = [None] * len(texts)
+        for i, ends in hits.items():
+            for frm, to in ends:
+                k = bisect_right(starts, to - 1) - 1     # the text holding byte to - 1
+                lo, hi = bounds[k]
+                if to > hi:
+                    continue                             # ends in a separator: no text's own
+                d = per_text[k]
+                if d is None:
+                    d = per_text[k] = {}
+                d.setdefault(i, []).append((frm - lo if frm > lo else 0, to - lo))
+        for k, d in enumerate(per_text):
+            if d is not None:
+                out[k] = self._found(texts[k], d, depth, False)
         return out
 
 
@@ -323,10 +396,16 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list, rejected: set) -> list:
         back_rx = rule.back_regex
     else:                             # it contains the trigger's end, at most max_len long
         back = ahead = rule.max_len + SLACK
+    skip = None
+    if trig.som:
+        for v in rule.validators:
+            skip = AT_TRIGGER.get(v) or skip
     out, covered = [], -1
     for frm, to in sorted(hits):
         if to <= covered:
             continue                  # inside a match already confirmed
+        if skip is not None and skip(buf, frm):
+            continue                  # every match through this trigger would be rejected
         anchor = frm if trig.som else to
         pos = anchor - back if anchor > back else 0
         if back_rx is not None:       # the match can only start where the run of

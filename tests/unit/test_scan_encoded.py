@@ -73,3 +73,36 @@ def test_encodings_of_benign_text_and_random_bytes_are_quiet(scanner):
     lines += [binascii.hexlify(r.randbytes(32)) for _ in range(300)]
     lines += [b"https://files.test/pkg/name%%20with%%20spaces-%d.tar.gz" % i for i in range(50)]
     assert scanner.scan(b"\n".join(lines)).findings == []
+
+
+def test_decoded_texts_rescanned_together_find_what_separate_scans_find(scanner):
+    """A buffer's decoded texts are rescanned in one hyperscan pass (joined with SEP); each
+    text's findings are exactly those of scanning it alone, whatever its neighbours hold:
+    texts ending in a keyword ("password", "AccountKey") next to texts starting with a value,
+    fakes of every rule, benign config text."""
+    import random
+    r = random.Random(99)
+    values = [make() for make in fakes.FAKES.values()]
+    edges = [b"password", b"AccountKey", b"token: ", b"service_account", b"@", b"x" * 40,
+             b"=" + fakes.rand(fakes.B62, 43).encode(), b": Abcd1234efgh5678", b"-----BEGIN"]
+    texts = []
+    for _ in range(200):
+        parts = [r.choice(values + edges) for _ in range(r.randint(1, 3))]
+        texts.append(r.choice([b" ", b"\n", b""]).join(parts))
+    for _ in range(20):
+        batch = r.sample(texts, r.randint(2, 12))
+        together = scanner._find_many(batch, 1)
+        alone = [scanner.find(t, 1, detect_binary=False) for t in batch]
+        key = lambda fs: sorted((s, e, rule.id, v, enc) for s, e, rule, v, enc in fs)  # noqa: E731
+        assert [key(f) for f in together] == [key(f) for f in alone]
+    assert any(together) and not all(together)          # the batches mix hits and misses
+
+
+def test_many_encoded_values_in_one_buffer_each_at_its_own_span(scanner):
+    values = [fakes.gh_token(), fakes.email(), fakes.aws_key_id(), fakes.jwt(), fakes.ssn()]
+    encoded = [base64.b64encode(b"v=" + v) for v in values]
+    data = b"".join(b"blob " + e + b" ok\n" + base64.b64encode(b"ordinary config text %d" % i) + b"\n"
+                    for i, e in enumerate(encoded))
+    found = sorted((f.start, f.end, f.encoding) for f in scanner.scan(data).findings)
+    want = sorted((data.index(e), data.index(e) + len(e), ("base64",)) for e in encoded)
+    assert found == want

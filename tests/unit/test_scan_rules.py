@@ -119,3 +119,29 @@ def test_rejected_values_are_remembered_per_scanner_not_per_rule_id():
     for _ in range(2):                     # the second pass is answered from the memo
         assert [f.rule_id for f in strict.scan(data).findings] == []
         assert [f.rule_id for f in lax.scan(data).findings] == ["email"]
+
+
+def test_noreply_check_at_the_trigger_agrees_with_the_full_validation(monkeypatch):
+    """The engine skips the e-mail regex where the trigger is '@users.noreply.github.com' and
+    the domain ends there (validators.noreply_at): the same findings as the full path for
+    every neighbour of that domain, cases and ends of buffer included."""
+    from sandbox.scan import engine
+    rules = load_rules()
+    scanner = Scanner(rules)
+    local = b"12345+dev"
+    tails = [b">", b" ", b"\n", b"_x", b".", b".evil.io", b"-x.io", b"pany.com", b"x", b"0.io",
+             b">, a@users.noreply.github.com", b""]
+    doms = [b"users.noreply.github.com", b"USERS.noreply.github.com", b"users.noreply.github.co",
+            b"users.noreply.github.com.evil.io"]
+    cases = [b"Author: Dev <" + local + b"@" + d + t for d in doms for t in tails]
+    cases += [b"mailto:" + local + b"@users.noreply.github.com.x.io", b"@users.noreply.github.com"]
+
+    def run():
+        return [[(f.rule_id, f.start, f.end) for f in scanner.scan(c).findings] for c in cases]
+
+    with_check = run()
+    scanner._rejected.clear()
+    monkeypatch.setattr(engine, "AT_TRIGGER", {})
+    assert with_check == run()
+    assert sum(map(bool, with_check)) >= 6              # the lookalikes are found
+    assert with_check[0] == []                          # the noreply author is not
