@@ -23,10 +23,9 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 
-def _stat(path: Path):
+def _stat(path: str):
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -34,21 +33,20 @@ def _stat(path: Path):
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _dir_files(d: Path):
+def _dir_files(d: str):
     try:
         entries = list(os.scandir(d))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return tuple(sorted((e.name, _stat(Path(e.path))) for e in entries
-                        if e.name.endswith(".toml")))
+    return tuple(sorted((e.name, _stat(e.path)) for e in entries if e.name.endswith(".toml")))
 
 
 def fingerprint(name: str) -> tuple:
     """What a load of policy `name` depends on, as stat results (see the module docstring)."""
     from sandbox.kernel.seccomp import group_dirs
     from sandbox.policy.load import policy_dirs
-    return (tuple(_stat(d / f"{name}.toml") for d in policy_dirs()),
-            tuple(_dir_files(d) for d in group_dirs()))
+    return (tuple(_stat(f"{d}/{name}.toml") for d in policy_dirs()),
+            tuple(_dir_files(str(d)) for d in group_dirs()))
 
 
 class PolicyCache:
@@ -63,10 +61,12 @@ class PolicyCache:
     def load_pair(self, name: str, overrides: dict | None):
         """(the policy as its file says, the policy with the overrides): one freshness check."""
         fp = fingerprint(name)
-        base = self.load(name, None, _fp=fp)
-        return base, (self.load(name, overrides, _fp=fp) if overrides else base)
+        checked: set = set()
+        base = self.load(name, None, _fp=fp, _checked=checked)
+        return base, (self.load(name, overrides, _fp=fp, _checked=checked) if overrides
+                      else base)
 
-    def load(self, name: str, overrides: dict | None = None, *, _fp=None):
+    def load(self, name: str, overrides: dict | None = None, *, _fp=None, _checked=None):
         """sandbox.policy.load_policy(name, overrides), reused while unchanged."""
         from sandbox.policy import load_policy
         from sandbox.policy.load import _check_ro_bind_symlinks
@@ -81,7 +81,11 @@ class PolicyCache:
             else:
                 policy = None
         if policy is not None:
-            _check_ro_bind_symlinks(policy.filesystem.ro_binds, f"policy {name}")
+            binds = policy.filesystem.ro_binds
+            if _checked is None or binds not in _checked:
+                _check_ro_bind_symlinks(binds, f"policy {name}")
+                if _checked is not None:
+                    _checked.add(binds)
             self.hits += 1
             return policy
         policy = load_policy(name, overrides)
