@@ -28,6 +28,8 @@ class DaemonConfig:
     max_file_read: int = 256 * 1024**2             # largest file read out of a workspace
     net: dict = field(default_factory=dict)        # sandbox.kernel.network.configure(**net)
     network_sweep: bool = True                     # recovery sweeps our netns/veth/nft names
+    warm_pool: int = 2                             # warm sandboxes of the default policy kept
+                                                   # ready (sandbox/runtime/pool.py); 0 = none
     extra: dict = field(default_factory=dict)
 
     @property

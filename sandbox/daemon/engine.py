@@ -124,6 +124,45 @@ class RealEngine:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self._scanners: dict[str, Any] = {}
+        self._pool = None
+        self._pool_key: str | None = None
+
+    # -- warm sandboxes (sandbox/runtime/pool.py) ------------------------------------------
+    def start_pool(self, policy, size: int, *, audit, new_id: Callable[[], str]):
+        """Keep `size` sandboxes of exactly `policy` (no host directories) built ahead."""
+        from sandbox.policy import policy_hash
+        from sandbox.runtime.pool import SandboxPool
+        from sandbox.runtime.sandbox import Sandbox
+        if size <= 0:
+            return
+        self._pool_key = policy_hash(policy)
+        self._pool = SandboxPool(
+            lambda: RealHandle(Sandbox.create(policy, audit=audit, state_dir=self.run_dir,
+                                              sandbox_id=new_id())),
+            size, name=f"warm-{policy.name}")
+
+    def take_warm(self, policy, workspace: str | None) -> RealHandle | None:
+        """A warm sandbox when the request is exactly the pool's policy and brings no host
+        directory; its lifetime starts now. None otherwise (the caller builds one)."""
+        if self._pool is None or workspace is not None:
+            return None
+        from sandbox.policy import policy_hash
+        if policy_hash(policy) != self._pool_key:
+            return None
+        h = self._pool.take()
+        if h is not None:
+            h.sb.restart_lifetime()
+        return h
+
+    def warm_ready(self) -> int:
+        return self._pool.ready() if self._pool is not None else 0
+
+    def drain_pool(self) -> list[str]:
+        return self._pool.drain() if self._pool is not None else []
+
+    def close_pool(self) -> list[str]:
+        pool, self._pool = self._pool, None
+        return pool.close() if pool is not None else []
 
     def create(self, policy, *, sandbox_id: str, workspace: str | None, audit) -> RealHandle:
         from sandbox.runtime.sandbox import Sandbox

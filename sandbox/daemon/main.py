@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--net-pool", default=None, help="IPv4 pool split into /30s per sandbox")
     ap.add_argument("--net-nflog-group", type=int, default=None,
                     help="NFLOG group for dropped packets (one per daemon on a host)")
+    ap.add_argument("--warm-pool", type=int, default=DaemonConfig.warm_pool, metavar="N",
+                    help="warm sandboxes of the default policy kept ready for creates that ask "
+                         "for it unchanged (0: none; default %(default)s)")
     ap.add_argument("--no-network-sweep", action="store_true",
                     help="recovery: do not sweep leftover netns/veth/nft names at start")
     ap.add_argument("--log-level", default=os.environ.get("SANDBOXD_LOG_LEVEL", "info"))
@@ -76,7 +79,8 @@ def config_from(args) -> DaemonConfig:
                                                ("pool", args.net_pool),
                                                ("nflog_group", args.net_nflog_group))
                              if v is not None},
-                        network_sweep=not args.no_network_sweep)
+                        network_sweep=not args.no_network_sweep,
+                        warm_pool=max(0, args.warm_pool))
 
 
 def open_audit(config: DaemonConfig):

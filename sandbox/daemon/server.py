@@ -324,8 +324,10 @@ class Daemon:
     async def health(self, request):
         self._principal(request)
         from sandbox import __version__
+        warm = getattr(self.engine, "warm_ready", None)
         return web.json_response({"status": "ok", "version": __version__,
                                   "sandboxes": len(self.registry.all()),
+                                  "warm": warm() if warm is not None else 0,
                                   "uptime": round(time.time() - self.started, 3)})
 
     async def metrics_text(self, request):
@@ -363,15 +365,21 @@ class Daemon:
             # Revoked (or expired) while this request was being read: the revocation has
             # already collected the token's sandboxes, so none may be added after it.
             raise AuthError(f"token {p.token_id} was revoked or has expired")
-        rec = SandboxRecord(id=new_sandbox_id(), policy=final, token_id=p.token_id, uid=p.peer.uid)
-        self.registry.add(rec)
         t0 = time.perf_counter()
-        try:
-            rec.handle = await call_blocking(self.engine.create, final, sandbox_id=rec.id,
-                                             workspace=workspace, audit=self.engine_sink)
-        except BaseException:
-            self.registry.remove(rec.id)
-            raise
+        take_warm = getattr(self.engine, "take_warm", None)
+        warm = take_warm(final, workspace) if take_warm is not None else None
+        rec = SandboxRecord(id=warm.id if warm is not None else new_sandbox_id(), policy=final,
+                            token_id=p.token_id, uid=p.peer.uid)
+        self.registry.add(rec)
+        if warm is not None:
+            rec.handle = warm
+        else:
+            try:
+                rec.handle = await call_blocking(self.engine.create, final, sandbox_id=rec.id,
+                                                 workspace=workspace, audit=self.engine_sink)
+            except BaseException:
+                self.registry.remove(rec.id)
+                raise
         dt = time.perf_counter() - t0
         if rec.state == "destroying":      # revoked while it was being made
             self._spawn(self._destroy(rec, "revoked during create", background=True))
@@ -385,7 +393,7 @@ class Daemon:
             final.timeout,
             lambda: self._spawn(self._destroy(rec, "policy timeout", background=True)))
         self._record("daemon_create", p, sandbox=rec.id, resource=name,
-                      duration_ms=round(dt * 1000, 3))
+                     duration_ms=round(dt * 1000, 3), details={"warm": warm is not None})
         return web.json_response(self._describe(rec, p), status=201)
 
     def _describe(self, rec: SandboxRecord, p: Principal, *, full: bool = False) -> dict:
@@ -528,6 +536,10 @@ class Daemon:
         p = self._need_admin(request)
         recs = [r for r in self.registry.all() if r.state != "destroying"]
         kill_ms = await self._kill_now(recs)
+        drain = getattr(self.engine, "drain_pool", None)   # warm ones go too (and are rebuilt)
+        if drain is not None:
+            for failure in await call_blocking(drain):
+                log.error("warm sandbox not destroyed: %s (recovery removes it)", failure)
         self._record("daemon_kill_all", p, details={"sandboxes": len(recs), "kill_ms": kill_ms})
         resp = await self._after_durable(web.json_response({"killed": len(recs),
                                                             "kill_ms": kill_ms}))
@@ -1109,6 +1121,7 @@ class Daemon:
         for tok in self.tokens.list():
             self._arm_token_timer(tok)
         self._sweeper = loop.create_task(self._sweep())
+        self._start_warm_pool()
         self._record("daemon_start", None, details={"socket": str(self.config.socket_path),
                                                     "pid": os.getpid()})
         log.info("listening on %s", self.config.socket_path)
@@ -1126,9 +1139,30 @@ class Daemon:
                         or now - conn.last > self.config.idle_timeout):
                     conn.transport.close()
 
+    def _start_warm_pool(self):
+        """Warm sandboxes of the default policy, unchanged: what a create asking for
+        exactly that gets at once (engine.take_warm); a default policy that cannot be
+        loaded only means no pool."""
+        start = getattr(self.engine, "start_pool", None)
+        if not self.config.warm_pool or start is None:
+            return
+        try:
+            _, final = self.policies.load_pair("default", {})
+        except SandboxError as e:
+            log.error("no warm pool: the default policy does not load: %s", e)
+            return
+        start(final, self.config.warm_pool, audit=self.engine_sink, new_id=new_sandbox_id)
+
+    async def _close_warm_pool(self):
+        close = getattr(self.engine, "close_pool", None)
+        if close is not None:
+            for failure in await call_blocking(close):
+                log.error("warm sandbox not destroyed: %s (recovery removes it)", failure)
+
     async def stop(self):
         if self._sweeper:
             self._sweeper.cancel()
+        await self._close_warm_pool()
         for t in self._token_timers.values():
             t.cancel()
         if self._server is not None:

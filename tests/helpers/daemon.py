@@ -36,6 +36,10 @@ class DaemonProc:
                      "--socket", self.socket, "--state-dir", str(self.state),
                      "--run-dir", str(self.run), "--client-group", client_group,
                      "--admin-group", admin_group, *extra_args]
+        if "--warm-pool" not in extra_args:
+            # No warm sandboxes unless a test asks: the tests count the sandboxes and
+            # intent records a daemon has; the pool has tests of its own.
+            self.args += ["--warm-pool", "0"]
         self.proc: subprocess.Popen | None = None
         self.extra_env = env or {}
         self._write_test_policy()
