@@ -243,13 +243,22 @@ def _loop_attach(image: Path) -> tuple[str, int]:
         os.close(ctl)
 
 
+def _sysfs_gone(e: OSError) -> bool:
+    """A sysfs file that is not there, or is being removed while we read it: kernfs answers
+    ENODEV for a node being deactivated (the loop device's async AUTOCLEAR detach removes its
+    loop/ group; seen as 1 in 150-300 teardowns failing under concurrency)."""
+    return e.errno in (errno.ENOENT, errno.ENODEV)
+
+
 def _loop_backing(dev: str) -> str | None:
-    """The file a loop device is attached to, or None when it is free."""
+    """The file a loop device is attached to, or None when it is free (or being freed)."""
     name = Path("/sys/block") / Path(dev).name / "loop" / "backing_file"
     try:
         return name.read_text().strip()
-    except FileNotFoundError:
-        return None
+    except OSError as e:
+        if _sysfs_gone(e):
+            return None
+        raise
 
 
 # ---------------------------------------------------------------------------- the disk
@@ -287,7 +296,13 @@ class SandboxDisk:
         which can take seconds on a loaded host and needs nothing more from us."""
         if not self.loopdev or _loop_backing(self.loopdev) != str(self.image):
             return False        # detached (maybe already re-used by another sandbox)
-        return Path("/sys/fs/ext4", Path(self.loopdev).name).exists()
+        try:
+            os.stat(Path("/sys/fs/ext4", Path(self.loopdev).name))
+        except OSError as e:
+            if _sysfs_gone(e):
+                return False
+            raise
+        return True
 
     def _unmount(self, left: list):
         """Shut the disk's filesystem down and unmount it, if it is mounted. The shutdown goes
