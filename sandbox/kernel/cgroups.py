@@ -162,11 +162,17 @@ def _rmdir_verified(path: Path) -> str | None:
 
 
 def _wait_until(predicate) -> bool:
-    for _ in range(_WAIT_STEPS):
-        if predicate():
-            return True
-        time.sleep(_WAIT_SLEEP)
-    return predicate()
+    """Poll predicate for up to _WAIT_STEPS * _WAIT_SLEEP seconds. The first checks come
+    fast (a kill or freeze usually completes within a millisecond, and a flat 5 ms sleep
+    was most of a kill's time), then back off to _WAIT_SLEEP."""
+    deadline = time.monotonic() + _WAIT_STEPS * _WAIT_SLEEP
+    pause = 0.0002
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return predicate()
+        time.sleep(pause)
+        pause = min(pause * 2, _WAIT_SLEEP)
+    return True
 
 
 def _sigkill(pids):
