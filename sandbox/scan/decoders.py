@@ -85,21 +85,22 @@ def is_text(data: bytes, ratio: float = 0.9) -> bool:
     return bool(data) and len(data.translate(None, _NON_TEXT_DELETE)) <= len(data) * (1 - ratio)
 
 
+_B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]+")
+_B64_PAD = re.compile(rb"={0,2}")
+
+
 def decode_base64(buf: bytes, to: int, trig_len: int, max_len: int):
     start = to - trig_len                 # the trigger starts the run: its alignment is known
-    end = _run_from("base64", buf, start, max_len)
-    while end > start and buf[end - 1] == 0x3D:    # '=' padding is not in the alphabet
-        end -= 1
+    end = _B64_RUN.match(buf, start, start + max_len).end()   # ('=' is not in the alphabet)
     body = buf[start:end].translate(_URL_TO_STD)
-    body = body[: len(body) - len(body) % 4] + _pad_tail(body)
+    rest = len(body) % 4
+    if rest:
+        body = body[:len(body) - rest] + _pad_tail(body)
     try:
         decoded = binascii.a2b_base64(body)
     except binascii.Error:
         return None
-    pad = 0
-    while end + pad < len(buf) and buf[end + pad] == 0x3D and pad < 2:
-        pad += 1
-    return start, end + pad, decoded
+    return start, _B64_PAD.match(buf, end).end(), decoded
 
 
 def _pad_tail(body: bytes) -> bytes:

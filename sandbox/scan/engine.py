@@ -222,6 +222,17 @@ class Scanner:
                 for i, flag in zip(ids, som):
                     self._triggers[i].som = flag
                 self._dbs.append(db)
+        # The triggers of one rule with the same SOM setting confirm together (e.g. the
+        # aws_secret and secret_access_key keywords in one AWS_SECRET_ACCESS_KEY): one regex
+        # run covers them all. Hyperscan ids map to such groups, numbered in rule order, so
+        # the match callback files each trigger under its group directly.
+        groups = sorted({(t.index, not t.som) for t in self._triggers})
+        number = {g: n for n, g in enumerate(groups)}
+        self._group_of = [number[(t.index, not t.som)] for t in self._triggers]
+        self._groups = [None] * len(groups)
+        for i, t in enumerate(self._triggers):
+            if self._groups[self._group_of[i]] is None:
+                self._groups[self._group_of[i]] = _Group(t)
         self._local = threading.local()     # hyperscan scratch space is per thread
         self._rejected: set = set()         # see _valid
         self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
@@ -254,27 +265,24 @@ class Scanner:
     # -- the block scan -------------------------------------------------------------------
 
     def _hits(self, buf: bytes) -> dict:
-        """{trigger id: [(from, to), ...]} of every hyperscan database over buf. The
-        callback appends the argument tuple the call already built (no allocation of its
-        own); grouping by id happens once afterwards."""
-        raw: list = []
-        append = raw.append
+        """{trigger group: [(from, to), ...]} of every hyperscan database over buf."""
+        hits: dict = {}
+        get = hits.get
+        group_of = self._group_of
 
-        def on(*event):
-            append(event)
+        def on(i, frm, to, _flags, _ctx):
+            g = group_of[i]
+            got = get(g)
+            if got is None:
+                hits[g] = [(frm, to)]
+            else:
+                got.append((frm, to))
 
         scratches = getattr(self._local, "scratches", None)
         if scratches is None:
             scratches = self._local.scratches = [hyperscan.Scratch(db) for db in self._dbs]
         for db, scratch in zip(self._dbs, scratches):
             db.scan(buf, match_event_handler=on, scratch=scratch)
-        hits: dict = {}
-        for i, frm, to, _flags, _ctx in raw:
-            got = hits.get(i)
-            if got is None:
-                hits[i] = [(frm, to)]
-            else:
-                got.append((frm, to))
         return hits
 
     def find(self, buf: bytes, depth: int = 0, detect_binary: bool = True) -> list:
@@ -285,35 +293,25 @@ class Scanner:
         return self._found(buf, hits, depth, detect_binary)
 
     def _found(self, buf: bytes, hits: dict, depth: int, detect_binary: bool) -> list:
-        by_rule: dict = {}
-        for i, ends in hits.items():
-            trig = self._triggers[i]
-            # the keyword triggers of one rule (e.g. aws_secret and secret_access_key in one
-            # AWS_SECRET_ACCESS_KEY) confirm together: one regex run covers them all
-            same = by_rule.setdefault(trig.index, [])
-            for j, (other, more) in enumerate(same):
-                if other.som == trig.som:
-                    same[j] = (other, more + ends)
-                    break
-            else:
-                same.append((trig, ends))
+        groups = self._groups
         found: list = []
         pending = []              # encoded candidates: rescanned together, below
-        for index in sorted(by_rule):
-            for trig, ends in by_rule[index]:
-                rule = trig.rule
-                if rule.kind == "encoded":
-                    if depth < self.max_depth:
-                        slot: list = []
-                        cands = self._candidates(buf, trig, ends, slot)
-                        if cands:
-                            found.append(slot)   # keeps rule order for _resolve's ties
-                            pending += cands
-                elif rule.kind == "binary":
-                    if detect_binary:
-                        found += _binary(buf, ends[0][1], rule)
-                else:
-                    found += _confirm(buf, trig, ends, self._rejected)
+        for g in sorted(hits):
+            group = groups[g]
+            ends = hits[g]
+            kind = group.kind
+            if kind == "encoded":
+                if depth < self.max_depth:
+                    slot: list = []
+                    cands = self._candidates(buf, group.trig, ends, slot)
+                    if cands:
+                        found.append(slot)       # keeps rule order for _resolve's ties
+                        pending += cands
+            elif kind == "binary":
+                if detect_binary:
+                    found += _binary(buf, min(ends)[1], group.rule)
+            else:
+                found += _confirm(buf, group, ends, self._rejected)
         if not pending:
             return _resolve(found)
         results = self._find_many([c[2] for c in pending], depth + 1)
@@ -341,7 +339,8 @@ class Scanner:
                 continue
             start, end, decoded = cand
             done = end
-            if len(decoded) < rule.min_len or not is_text(decoded, 0.8) or decoded == buf[start:end]:
+            if (len(decoded) < rule.min_len or not is_text(decoded, 0.8)
+                    or len(decoded) == end - start and decoded == buf[start:end]):
                 continue
             out.append((start, end, decoded, rule.decoder, slot))
         return out
@@ -365,7 +364,7 @@ class Scanner:
             at += len(t) + len(SEP)
         starts = [b[0] for b in bounds]
         per_text: list = [None] * len(texts)
-        for i, ends in hits.items():
+        for g, ends in hits.items():
             for frm, to in ends:
                 k = bisect_right(starts, to - 1) - 1     # the text holding byte to - 1
                 lo, hi = bounds[k]
@@ -374,39 +373,52 @@ class Scanner:
                 d = per_text[k]
                 if d is None:
                     d = per_text[k] = {}
-                d.setdefault(i, []).append((frm - lo if frm > lo else 0, to - lo))
+                d.setdefault(g, []).append((frm - lo if frm > lo else 0, to - lo))
         for k, d in enumerate(per_text):
             if d is not None:
                 out[k] = self._found(texts[k], d, depth, False)
         return out
 
 
-def _confirm(buf: bytes, trig: _Trigger, hits: list, rejected: set) -> list:
+class _Group:
+    """The triggers of one rule with one SOM setting, and what confirming them needs,
+    worked out once per scanner instead of once per buffer."""
+    __slots__ = ("trig", "rule", "kind", "index", "som", "search", "group", "back", "ahead",
+                 "back_rx", "skip")
+
+    def __init__(self, trig: _Trigger):
+        rule = trig.rule
+        self.trig, self.rule, self.kind, self.index, self.som = trig, rule, rule.kind, trig.index, trig.som
+        self.search = self.group = self.back_rx = self.skip = None
+        self.back = self.ahead = 0
+        if rule.kind not in ("secret", "pii"):
+            return
+        rx = rule.regex
+        self.search = rx.search
+        self.group = "secret" if "secret" in rx.groupindex else 0
+        if trig.som:                  # the match starts near the trigger's start
+            self.back, self.ahead = rule.lookback, rule.max_len + SLACK
+            self.back_rx = rule.back_regex
+            for v in rule.validators:
+                self.skip = AT_TRIGGER.get(v) or self.skip
+        else:                         # it contains the trigger's end, at most max_len long
+            self.back = self.ahead = rule.max_len + SLACK
+
+
+def _confirm(buf: bytes, grp: _Group, hits: list, rejected: set) -> list:
     """Run the rule's regex from each trigger (from its start with SOM, else from max_len
     before its end) and keep the values that pass the checks. Runs once per trigger hit
     that survives the hyperscan pass, so the loop avoids builtin calls (max/min) and named
     group lookups it does not need."""
-    rule = trig.rule
-    rx = rule.regex
-    search = rx.search
-    group = "secret" if "secret" in rx.groupindex else 0
-    back_rx = None
-    if trig.som:                      # the match starts near the trigger's start
-        back, ahead = rule.lookback, rule.max_len + SLACK
-        back_rx = rule.back_regex
-    else:                             # it contains the trigger's end, at most max_len long
-        back = ahead = rule.max_len + SLACK
-    skip = None
-    if trig.som:
-        for v in rule.validators:
-            skip = AT_TRIGGER.get(v) or skip
+    rule, index, som = grp.rule, grp.index, grp.som
+    search, group, back, ahead, back_rx, skip = grp.search, grp.group, grp.back, grp.ahead, grp.back_rx, grp.skip
     out, covered = [], -1
     for frm, to in sorted(hits):
         if to <= covered:
             continue                  # inside a match already confirmed
         if skip is not None and skip(buf, frm):
             continue                  # every match through this trigger would be rejected
-        anchor = frm if trig.som else to
+        anchor = frm if som else to
         pos = anchor - back if anchor > back else 0
         if back_rx is not None:       # the match can only start where the run of
             pos = frm - back_rx.match(buf[pos:frm][::-1]).end()    # lookback_chars does
@@ -425,7 +437,7 @@ def _confirm(buf: bytes, trig: _Trigger, hits: list, rejected: set) -> list:
             if vs < 0:
                 continue
             value = buf[vs:ve]
-            if _valid(rule, trig.index, value, m.group(), rejected):
+            if _valid(rule, index, value, m.group(), rejected):
                 out.append((vs, ve, rule, value, ()))
     return out
 
