@@ -230,3 +230,32 @@ def test_guard_leaves_ordinary_values_alone():
     value = {"argv": ["python3", "-c", "print(1)"], "cwd": "/home/agent/workspace",
              "sha256": "ab" * 32, "exit": 0, "usage": {"memory_peak": 123}}
     assert g.clean(value) == value and g.masked == 0
+
+
+# The shortest string each credential shape of the guard matches (fake values, built here).
+_SHAPE_MINIMA = [
+    "sbxd_" + "a" * 12 + "_" + "B" * 16,
+    "-----BEGIN PRIVATE KEY-----",
+    "AKIA" + "Q" * 16,
+    "ghp_" + "x" * 36,
+    "github_pat_" + "y" * 40,
+    "xoxb-" + "z" * 10,
+    "sk-" + "w" * 20,
+    "authorization:bearer " + "t" * 8,
+    "eyJ" + "a" * 8 + "." + "b" * 8 + "." + "c" * 8,
+]
+
+
+def test_guard_prefilter_finds_every_shape():
+    """The one-search prefilter (_ANY_SHAPE, _MIN_SHAPE) must let every shape through to
+    the masking: each shape's shortest match, alone and inside other text, is masked."""
+    from sandbox.audit import guard as G
+    shapes = [G._TOKEN, *G._CREDENTIAL_SHAPES]
+    assert len(_SHAPE_MINIMA) == len(shapes)
+    for rx, example in zip(shapes, _SHAPE_MINIMA):
+        assert rx.search(example), (rx.pattern, example)
+        assert len(example) >= G._MIN_SHAPE
+        for s in (example, f"argv: run {example} now"):
+            assert G._ANY_SHAPE.search(s), (rx.pattern, s)
+            g = Guard()
+            assert g.clean(s) != s and g.masked == 1, (rx.pattern, s)
