@@ -285,20 +285,32 @@ class Scanner:
             db.scan(buf, match_event_handler=on, scratch=scratch)
         return hits
 
-    def find(self, buf: bytes, depth: int = 0, detect_binary: bool = True) -> list:
-        """Confirmed findings in one buffer: list of (start, end, rule, value, encoding)."""
+    def find(self, buf: bytes, depth: int = 0, detect_binary: bool = True,
+             limit: int | None = None) -> list:
+        """Confirmed findings in one buffer: list of (start, end, rule, value, encoding);
+        with `limit`, not necessarily those starting at or after it (see _found)."""
         hits = self._hits(buf)
         if not hits:
             return []
-        return self._found(buf, hits, depth, detect_binary)
+        return self._found(buf, hits, depth, detect_binary, limit)
 
-    def _found(self, buf: bytes, hits: dict, depth: int, detect_binary: bool) -> list:
+    def _found(self, buf: bytes, hits: dict, depth: int, detect_binary: bool,
+               limit: int | None = None) -> list:
+        """Confirm the triggers in `hits`. With a `limit`, findings that would start at or
+        after it are not wanted (a stream holds them back and finds them again in its next
+        scan): triggers that can only produce such findings are not confirmed at all. Exact,
+        since no finding of theirs could end before the limit or straddle it."""
         groups = self._groups
         found: list = []
         pending = []              # encoded candidates: rescanned together, below
         for g in sorted(hits):
             group = groups[g]
             ends = hits[g]
+            if limit is not None:
+                at, bound = group.at, limit + group.reach
+                ends = [e for e in ends if e[at] < bound]
+                if not ends:
+                    continue
             kind = group.kind
             if kind == "encoded":
                 if depth < self.max_depth:
@@ -384,15 +396,21 @@ class _Group:
     """The triggers of one rule with one SOM setting, and what confirming them needs,
     worked out once per scanner instead of once per buffer."""
     __slots__ = ("trig", "rule", "kind", "index", "som", "search", "group", "back", "ahead",
-                 "back_rx", "skip")
+                 "back_rx", "skip", "at", "reach")
 
     def __init__(self, trig: _Trigger):
         rule = trig.rule
         self.trig, self.rule, self.kind, self.index, self.som = trig, rule, rule.kind, trig.index, trig.som
         self.search = self.group = self.back_rx = self.skip = None
         self.back = self.ahead = 0
+        # how far before a trigger a finding from it can start: before hit[at] - reach
+        # (at 0: the trigger's start, with SOM; at 1: its end). See Scanner._found's limit.
+        self.at, self.reach = 1, 1                      # binary: the control byte's window
+        if rule.kind == "encoded":                      # the run starts trig_len before the
+            self.reach = trig.trig_len or rule.max_len  # end (percent: a token around it)
         if rule.kind not in ("secret", "pii"):
             return
+        self.at, self.reach = (0, rule.lookback) if trig.som else (1, rule.max_len + SLACK)
         rx = rule.regex
         self.search = rx.search
         self.group = "secret" if "secret" in rx.groupindex else 0
@@ -560,9 +578,12 @@ class ScanStream:
         ctx = self._ctx
         buf = b"".join((ctx, self._tail, chunk))      # one copy of the chunk, not two
         base = self._tail_at - len(ctx)
-        found = self.scanner.find(buf, detect_binary=not self._binary_seen)
-        found = [f for f in found if f[0] >= len(ctx)]
         cut = len(buf) if final else len(buf) - self.scanner.window
+        # findings starting at or after the cut are held back and found again next time:
+        # the scanner does not confirm triggers that can only produce those
+        found = self.scanner.find(buf, detect_binary=not self._binary_seen,
+                                  limit=None if final else max(cut, len(ctx)))
+        found = [f for f in found if f[0] >= len(ctx)]
         moved = True
         while moved:                 # never release part of a match
             moved = False

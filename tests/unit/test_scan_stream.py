@@ -356,3 +356,26 @@ def test_finish_drops_the_buffers_kept_between_large_feeds(full):
     assert stream._keep is not None and out.released
     stream.finish()
     assert stream._keep is None and stream._tail == b"" and stream._ctx == b""
+
+
+def test_limit_leaves_every_finding_before_it_unchanged(full):
+    """A stream's non-final scan asks find() for findings starting before its cut only
+    (limit): triggers that can only yield later findings are not confirmed. Everything
+    starting before the limit, straddlers included, is exactly what an unlimited find()
+    returns; at least some later triggers are really skipped."""
+    import base64
+    import random
+    r = random.Random(77)
+    values = [make() for make in fakes.FAKES.values()]
+    lines = (FILLER * 60).split(b"\n")
+    for v in values * 2:
+        v = r.choice([v, base64.b64encode(b"k=" + v), v.hex().encode()])
+        lines.insert(r.randrange(len(lines)), b"out: " + v)
+    buf = b"\n".join(lines)
+    whole = sorted((s, e, rule.id, enc) for s, e, rule, _v, enc in full.find(buf))
+    skipped = 0
+    for limit in sorted(r.sample(range(len(buf)), 60)) + [f[0] for f in whole] + [f[0] + 1 for f in whole]:
+        part = sorted((s, e, rule.id, enc) for s, e, rule, _v, enc in full.find(buf, limit=limit))
+        assert [f for f in part if f[0] < limit] == [f for f in whole if f[0] < limit], limit
+        skipped += len(part) < len(whole)
+    assert skipped
