@@ -12,8 +12,12 @@ Why this shape (and not hyperscan streaming mode or start-of-match offsets):
   To redact before release we must hold back anything that might still become part of a
   match, so the tail is `window` bytes = the longest max_len of any rule (+ slack). That
   costs `window` bytes of memory and of latency per stream (bytes are released once `window`
-  more bytes have arrived, or at finish()), and re-scanning the tail on the next feed:
-  negligible for 64 KiB pipe reads. Small pieces are buffered without scanning until 2 x
+  more bytes have arrived, or at finish()), and re-scanning the tail on the next feed (~12%
+  more hyperscan work for 64 KiB pipe reads with the default 8 KiB window). The costly
+  character-class database is not run over the tail again: its triggers are short and
+  bounded, so it scans the new bytes plus a margin and the stream carries its earlier
+  triggers over (ScanStream._scan); the literal database is rescanned (its triggers are
+  not bounded, e.g. the e-mail domain run). Small pieces are buffered without scanning until 2 x
   `window` bytes are held, so every scan releases at least `window` bytes (the hold-back is
   between 1 and 2 windows).
 """
@@ -215,13 +219,22 @@ class Scanner:
         self._triggers = [t for _, _, t in exprs]
         key = rules_hash(self.rules)
         self._dbs = []
+        self._class_db = None       # the character-class database, see ScanStream._scan
         for group, wanted in enumerate((False, True)):
             ids = [i for i, (e, _, t) in enumerate(exprs) if _class_led(e, t.rule) == wanted]
             if ids:
                 db, som = _compile([exprs[i] for i in ids], ids, f"{key}-{group}", cache)
                 for i, flag in zip(ids, som):
                     self._triggers[i].som = flag
-                self._dbs.append(db)
+                if wanted:
+                    self._class_db = db
+                else:
+                    self._dbs.append(db)
+        class_exprs = [e for e, _, t in exprs if _class_led(e, t.rule)]
+        self._class_margin = _margin(class_exprs)
+        if self._class_margin is None and self._class_db is not None:
+            self._dbs.append(self._class_db)   # unbounded trigger: rescan it all, like the rest
+            self._class_db = None
         # The triggers of one rule with the same SOM setting confirm together (e.g. the
         # aws_secret and secret_access_key keywords in one AWS_SECRET_ACCESS_KEY): one regex
         # run covers them all. Hyperscan ids map to such groups, numbered in rule order, so
@@ -233,6 +246,12 @@ class Scanner:
         for i, t in enumerate(self._triggers):
             if self._groups[self._group_of[i]] is None:
                 self._groups[self._group_of[i]] = _Group(t)
+        self._class_groups = frozenset(self._group_of[i] for i, (e, _, t) in enumerate(exprs)
+                                       if _class_led(e, t.rule))
+        if self._class_groups & frozenset(self._group_of[i] for i, (e, _, t) in enumerate(exprs)
+                                          if not _class_led(e, t.rule)) and self._class_db is not None:
+            self._dbs.append(self._class_db)   # a group fed by both databases: no shortcut
+            self._class_db = None
         self._local = threading.local()     # hyperscan scratch space is per thread
         self._rejected: set = set()         # see _valid
         self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
@@ -264,8 +283,13 @@ class Scanner:
 
     # -- the block scan -------------------------------------------------------------------
 
-    def _hits(self, buf: bytes) -> dict:
-        """{trigger group: [(from, to), ...]} of every hyperscan database over buf."""
+    def _hits(self, buf: bytes, class_from: int = 0, carried=()) -> dict:
+        """{trigger group: [(from, to), ...]} of every hyperscan database over buf.
+
+        The character-class database (bounded triggers, at most _class_margin - 1 bytes
+        long) may skip what a stream already scanned: with class_from > 0 it scans only from
+        class_margin bytes before class_from and keeps triggers ending after class_from;
+        `carried` (group, from, to) supplies the earlier ones (ScanStream._scan)."""
         hits: dict = {}
         get = hits.get
         group_of = self._group_of
@@ -280,9 +304,37 @@ class Scanner:
 
         scratches = getattr(self._local, "scratches", None)
         if scratches is None:
-            scratches = self._local.scratches = [hyperscan.Scratch(db) for db in self._dbs]
-        for db, scratch in zip(self._dbs, scratches):
+            scratches = self._local.scratches = (
+                [hyperscan.Scratch(db) for db in self._dbs],
+                hyperscan.Scratch(self._class_db) if self._class_db is not None else None)
+        for db, scratch in zip(self._dbs, scratches[0]):
             db.scan(buf, match_event_handler=on, scratch=scratch)
+        if self._class_db is None:
+            return hits
+        if class_from <= 0:
+            self._class_db.scan(buf, match_event_handler=on, scratch=scratches[1])
+            return hits
+        lo = class_from - self._class_margin
+        if lo < 0:
+            lo = 0
+
+        def on_part(i, frm, to, _flags, _ctx):
+            to += lo
+            if to > class_from:
+                g = group_of[i]
+                got = get(g)
+                if got is None:
+                    hits[g] = [(frm + lo, to)]
+                else:
+                    got.append((frm + lo, to))
+
+        self._class_db.scan(memoryview(buf)[lo:], match_event_handler=on_part, scratch=scratches[1])
+        for g, frm, to in carried:
+            got = get(g)
+            if got is None:
+                hits[g] = [(frm, to)]
+            else:
+                got.append((frm, to))
         return hits
 
     def find(self, buf: bytes, depth: int = 0, detect_binary: bool = True,
@@ -390,6 +442,23 @@ class Scanner:
             if d is not None:
                 out[k] = self._found(texts[k], d, depth, False)
         return out
+
+
+def _margin(exprs) -> int | None:
+    """More than the longest match of any of these hyperscan expressions (read with Python's
+    regex parser, which agrees with hyperscan on these plain classes and repeats), or None
+    if one is unbounded or not readable."""
+    import re._parser as sre_parse
+    longest = 0
+    for e in exprs:
+        try:
+            width = sre_parse.parse(e).getwidth()[1]
+        except Exception:  # noqa: BLE001 - any doubt: no shortcut
+            return None
+        if width >= sre_parse.MAXREPEAT or width > 4096:
+            return None
+        longest = max(longest, width)
+    return longest + 8
 
 
 class _Group:
@@ -542,6 +611,8 @@ class ScanStream:
         self._volume_seen = False
         self._finished = False
         self._keep = None
+        self._class_at = 0          # stream bytes the character-class database has seen
+        self._class_carry = []      # its triggers that end in the held-back bytes
 
     def feed(self, chunk: bytes) -> ScanResult:
         if self._finished:
@@ -581,8 +652,14 @@ class ScanStream:
         cut = len(buf) if final else len(buf) - self.scanner.window
         # findings starting at or after the cut are held back and found again next time:
         # the scanner does not confirm triggers that can only produce those
-        found = self.scanner.find(buf, detect_binary=not self._binary_seen,
-                                  limit=None if final else max(cut, len(ctx)))
+        sc = self.scanner
+        # the character-class triggers in the held-back bytes were found by the last scan:
+        # carried over instead of scanned again (that database is the costly one)
+        class_from = self._class_at - base if sc._class_db is not None else 0
+        carried = [(g, frm - base if frm > base else 0, to - base) for g, frm, to in self._class_carry]
+        hits = sc._hits(buf, class_from, carried)
+        found = sc._found(buf, hits, 0, not self._binary_seen,
+                          None if final else max(cut, len(ctx))) if hits else []
         found = [f for f in found if f[0] >= len(ctx)]
         moved = True
         while moved:                 # never release part of a match
@@ -601,6 +678,11 @@ class ScanStream:
         self._ctx = buf[max(0, cut - CONTEXT):cut]
         self._tail = buf[cut:]
         self._tail_at = base + cut
+        if sc._class_db is not None:
+            keep_from = base + cut - len(self._ctx)      # the next scan's buffer starts here
+            self._class_at = base + len(buf)
+            self._class_carry = [(g, base + frm, base + to) for g in sc._class_groups.intersection(hits)
+                                 for frm, to in hits[g] if base + to > keep_from]
         # Keep a large scan's buffers until the next scan: freed here, together with the
         # caller's chunk they leave more than glibc's trim threshold free at the top of the
         # heap, which it hands back to the kernel and faults in again on the next feed

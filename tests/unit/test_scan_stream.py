@@ -379,3 +379,37 @@ def test_limit_leaves_every_finding_before_it_unchanged(full):
         assert [f for f in part if f[0] < limit] == [f for f in whole if f[0] < limit], limit
         skipped += len(part) < len(whole)
     assert skipped
+
+
+@pytest.mark.parametrize("make", ["credit-card", "us-ssn", "phone-nanp", "base64", "hex"])
+def test_class_triggers_carried_across_scans_at_every_boundary(small, make):
+    """A stream scans the character-class trigger database (digit runs, base64/hex runs) only
+    over new bytes (plus a margin longer than any such trigger) and carries the triggers it
+    found in the held-back bytes: every split position finds what one pass finds."""
+    import base64
+    value = {"base64": lambda: base64.b64encode(b"token " + fakes.gh_token()),
+             "hex": lambda: (b"k=" + fakes.gh_token()).hex().encode()}.get(make, fakes.FAKES.get(make))()
+    data = padded(value, before=4, after=4) + b"tail 4111 1111 1111 1111 " + padded(value, 2, 2)
+    ref = feed_chunks(small, data, [len(data)])
+    assert ref[1]
+    assert small._class_db is not None and small._class_margin < 64
+    for split in range(1, len(data), 7):
+        for sizes in ([split, len(data)], [split, 5000, 3]):
+            got = feed_chunks(small, data, sizes)
+            assert summary(got[1]) == summary(ref[1]), (split, sizes)
+            assert_same_release(got, ref, data)
+
+
+def test_unbounded_class_trigger_rescans_everything():
+    """With a character-class trigger of unbounded length the shortcut is off (the margin
+    could not cover it) and streams rescan the held-back bytes as before."""
+    import dataclasses
+    rules = [dataclasses.replace(r, hs="[0-9]{3}-[0-9]+-[0-9]{4}") if r.id == "us-ssn" else r
+             for r in small_window_rules()]
+    scanner = Scanner(rules, cache=False)
+    assert scanner._class_db is None and len(scanner._dbs) == 2
+    data = padded(fakes.ssn(), before=30, after=30)
+    ref = feed_chunks(scanner, data, [len(data)])
+    assert [f.rule_id for f in ref[1]] == ["us-ssn"]
+    for split in range(1, len(data), 97):
+        assert summary(feed_chunks(scanner, data, [split, 3000])[1]) == summary(ref[1])
