@@ -13,7 +13,9 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -355,6 +357,12 @@ void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd, int last_
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    /* Bounded, like the parent's side: while we wait, the cloning thread waits for us
+     * (CLONE_VFORK), and a tool that stops every thread of the caller (py-spy without
+     * --nonblocking, gdb) would otherwise wait for that thread for ever. */
+    struct timeval tmo = {.tv_sec = SBX_SETUP_TIMEOUT_S};
+    if (setsockopt(sync_fd, SOL_SOCKET, SO_RCVTIMEO, &tmo, sizeof tmo) < 0)
+        _exit(120);
     if (sbx_send_msg(sync_fd, MSG_CHILD_READY, NULL) < 0)
         _exit(121);
     if (sbx_recv_msg(sync_fd, &m) < 0 || m.kind != MSG_MAPS_WRITTEN)

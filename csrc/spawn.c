@@ -39,8 +39,6 @@ struct sbx_clone_args {
 
 int sbx_abi_version(void) { return SBX_ABI_VERSION; }
 
-/* How long the parent waits for each message of the child's setup. */
-#define SBX_SETUP_TIMEOUT_S 30
 
 int sbx_cap_last_cap(void)
 {
