@@ -51,10 +51,12 @@ def scan_api(scanner, data, chunk):
 
 def hyperscan_only(scanner, data, chunk):
     """The hyperscan passes over the buffers a stream scans (chunk + the held-back tail and
-    context it scans again), match callbacks included, no confirmation."""
+    context the literal database scans again; the character-class one starts at the chunk),
+    match callbacks included, no confirmation."""
     back = scanner.window + 64
     for i in range(0, len(data), chunk):
-        scanner._hits(data[max(0, i - back):i + chunk])
+        lo = max(0, i - back)
+        scanner._hits(data[lo:i + chunk], class_from=i - lo)
 
 
 def hyperscan_db(scanner, index, data, chunk):
