@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sandbox.client import Client, DaemonError  # noqa: E402
-from tests.helpers.daemon import TEST_POLICY, DaemonProc  # noqa: E402
+from tests.helpers.daemon import TEST_POLICY, DaemonProc, process_tree  # noqa: E402
 
 OVERRIDES = {"limits": {"memory": "256MiB"}}
 
@@ -38,23 +38,6 @@ OVERRIDES = {"limits": {"memory": "256MiB"}}
 def pct(values: list[float], q: float) -> float:
     v = sorted(values)
     return v[min(len(v) - 1, int(len(v) * q))]
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-
-
-def sandbox_pids(init_pid: int) -> list[int]:
-    """init and every process below it (the sandbox's whole pid namespace, from outside)."""
-    out, todo = [], [init_pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children(p)
-    return out
 
 
 class Watch:
@@ -119,11 +102,11 @@ def one_round(admin: Client, sock: str, k: int) -> dict:
         execs.append(t)
     # Every sandbox must really run its sleep before we revoke (seen from outside).
     deadline = time.monotonic() + 30
-    while not all(len(sandbox_pids(p)) >= 2 for p in inits):
+    while not all(len(process_tree(p)) >= 2 for p in inits):
         if time.monotonic() > deadline:
             raise RuntimeError("the sleeps did not start")
         time.sleep(0.005)
-    pids = [q for p in inits for q in sandbox_pids(p)]
+    pids = [q for p in inits for q in process_tree(p)]
     watch = Watch(pids)
     watch.start()
     time.sleep(0.01)                        # the watcher is polling

@@ -543,11 +543,16 @@ class Daemon:
         self._record("daemon_kill_all", p, details={"sandboxes": len(recs), "kill_ms": kill_ms})
         resp = await self._after_durable(web.json_response({"killed": len(recs),
                                                             "kill_ms": kill_ms}))
+        return await self._answer_then_teardown(request, resp, recs, "kill switch", p)
+
+    async def _answer_then_teardown(self, request, resp, recs, why: str, p):
+        """Answer first, then start the teardowns: they would compete with the reply for the
+        interpreter, and nothing of those sandboxes runs any more."""
         try:
             await resp.prepare(request)
             await resp.write_eof()
         finally:
-            self._finish_kills(recs, "kill switch", p)
+            self._finish_kills(recs, why, p)
         return resp
 
     async def _kill_now(self, recs: list[SandboxRecord]) -> float:
@@ -958,14 +963,7 @@ class Daemon:
         resp = web.json_response({**tok.public(), "killed": len(recs), "kill_ms": kill_ms})
         if isinstance(logged, BaseException):
             resp = await self._after_durable(resp)       # the audit log failed: 503, not an ack
-        # Answer first, then start the teardowns: they would compete with the reply for the
-        # interpreter, and nothing of the token's sandboxes runs any more.
-        try:
-            await resp.prepare(request)
-            await resp.write_eof()
-        finally:
-            self._finish_kills(recs, "token revoked", p)
-        return resp
+        return await self._answer_then_teardown(request, resp, recs, "token revoked", p)
 
     async def _kill_token(self, tid: str) -> tuple[list[SandboxRecord], float]:
         recs = [r for r in self.registry.of_token(tid) if r.state != "destroying"]

@@ -174,6 +174,21 @@ def cgroup_frozen(pid: int) -> bool:
     raise AssertionError(f"no cgroup2 membership for pid {pid}")
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and every process below it (a sandbox's whole pid namespace, seen from
+    outside, when pid is its init), through /proc/<pid>/task/*/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

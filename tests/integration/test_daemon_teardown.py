@@ -20,28 +20,9 @@ from sandbox.audit.query import query
 from sandbox.audit.verify import verify
 from sandbox.client import Client, DaemonError
 from sandbox.runtime.recovery import find_leftovers
-from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive
+from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive, process_tree
 
 SMALL = {"limits": {"memory": "256MiB"}}
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-    except FileNotFoundError:
-        pass
-    return out
-
-
-def _tree(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += _children(p)
-    return out
 
 
 def _wait(pred, seconds: float = 30.0) -> bool:
@@ -75,8 +56,8 @@ def _start_busy(d, admin, token, sid, nprocs: int) -> list[int]:
     init = admin.inspect(sid)["info"]["init_pid"]
     _run_in_background(d.socket, token, sid,
                        ["sh", "-c", " ".join(["sleep 300 &"] * (nprocs - 1)) + " sleep 300"])
-    assert _wait(lambda: len(_tree(init)) >= nprocs + 1), f"the sleeps of {sid} did not start"
-    return _tree(init)
+    assert _wait(lambda: len(process_tree(init)) >= nprocs + 1), f"the sleeps of {sid} did not start"
+    return process_tree(init)
 
 
 @pytest.fixture(scope="module")
