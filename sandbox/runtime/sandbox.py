@@ -27,6 +27,7 @@ from sandbox.errors import SandboxError, TeardownError, UnsupportedError
 from sandbox.kernel import mounts, userns
 from sandbox.runtime import io as cio
 from sandbox.runtime import uidrange
+from sandbox.runtime.deadlines import DEADLINES
 from sandbox.runtime.intent import Intent, proc_starttime
 from sandbox.runtime.lifecycle import Lifecycle, Step
 from sandbox.runtime.plan import (ATTR_LOCKDOWN, ATTR_NODEV, ATTR_NOSUID, ATTR_RDONLY, BIND_FD,
@@ -325,9 +326,7 @@ class Sandbox:
         if self._timer is not None:
             self._timer.cancel()
         self.created = time.time()
-        self._timer = threading.Timer(self.ctx.policy.timeout, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._timer = DEADLINES.schedule(self.ctx.policy.timeout, self._expire)
 
     # ---- creation ----------------------------------------------------------------------
     @classmethod
