@@ -37,14 +37,31 @@ def fds_rss(pid: int) -> tuple[int, int]:
     return fds, rss
 
 
-def soak_daemon(n: int, warmup: int) -> int:
+def _warm_default_policy(pdir: Path):
+    """The default policy with the soak's limits, as the daemon's own `default`: the warm
+    pool builds only the default policy, and creates must ask for it unchanged."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "policies" / "default.toml").read_text()
+    lim = POLICY["limits"]
+    for key, value in (("memory", f'"{lim["memory"]}"'), ("pids", str(lim["pids"])),
+                       ("disk", f'"{lim["disk"]}"' if lim["disk"] else "0")):
+        text, k = re.subn(rf'(?m)^{key} = [^#\n]*', f"{key} = {value}  ", text, count=1)
+        assert k == 1, f"policies/default.toml: no {key} line"
+    (pdir / "default.toml").write_text(text)
+
+
+def soak_daemon(n: int, warmup: int, warm: int = 0) -> int:
     from sandbox.client import DaemonError
     from tests.helpers.daemon import DaemonProc
-    d = DaemonProc().start()
+    d = DaemonProc(extra_args=("--warm-pool", str(warm)))
+    if warm:
+        _warm_default_policy(d.tmp / "policies")
+    d.start()
     try:
         with d.admin() as c:
             def cycle():
-                sid = c.create("default", overrides=POLICY)["id"]
+                sid = (c.create("default") if warm else
+                       c.create("default", overrides=POLICY))["id"]
                 made.add(sid)
                 res = c.exec(sid, ["echo", "soak"])
                 assert res.exit_code == 0 and res.stdout == b"soak\n", res
@@ -122,13 +139,17 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--engine", action="store_true", help="drive the engine, no daemon")
     ap.add_argument("--no-disk", action="store_true", help="limits.disk = 0 (no loop-device disk)")
+    ap.add_argument("--warm", type=int, default=0, metavar="N",
+                    help="daemon keeps N warm sandboxes (--warm-pool); creates take them")
     args = ap.parse_args()
     if args.no_disk:
         POLICY["limits"]["disk"] = 0
     if os.geteuid() != 0:
         print("soak.py: run as root (it builds real sandboxes)", file=sys.stderr)
         return 2
-    return (soak_engine if args.engine else soak_daemon)(args.n, args.warmup)
+    if args.engine:
+        return soak_engine(args.n, args.warmup)
+    return soak_daemon(args.n, args.warmup, args.warm)
 
 
 if __name__ == "__main__":
