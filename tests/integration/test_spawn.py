@@ -94,3 +94,20 @@ def test_spawns_from_several_threads_at_once(make_sandbox):
     assert len(made) == 6
     assert all(res.exit_code == 0 and res.stdout.strip().isdigit() for _, res in made)
     assert len({sb.init_pid for sb, _ in made}) == 6
+
+
+def test_mount_templates_are_copied_per_spawn():
+    """The C mount list comes from a cached template (sandbox/_native.py): each spawn gets
+    its own copy with its own mount fds; the template keeps none."""
+    from sandbox import _native
+    from sandbox.runtime.plan import BIND_FD, MountOp
+    ops = lambda fd: [MountOp(6, "tmp"), MountOp(BIND_FD, "tmp", fd=fd),  # noqa: E731
+                      MountOp(6, "home/agent/shared", mode=0o700)]
+    keep_a, keep_b = [], []
+    a = _native._c_mounts(ops(11), keep_a)
+    b = _native._c_mounts(ops(12), keep_b)
+    assert a != b and (a[1].fd, b[1].fd) == (11, 12)
+    assert (a[0].fd, a[2].mode) == (-1, 0o700)
+    tmpl = next(t for t in keep_a if isinstance(t, tuple))[0]
+    assert tmpl[1].fd == -1
+    assert _native.ffi.string(b[2].dst) == b"home/agent/shared"
