@@ -531,11 +531,19 @@ class V1Cgroup(SandboxCgroup):
     kind = "v1"
 
     def kill(self):
+        if self.v2_dir is not None and self.v2_dir.exists():
+            if _populated(self.v2_dir):
+                if "cpu" in self.v1_dirs:
+                    _lift_cpu_quota(self.v1_dirs["cpu"] / "cpu.cfs_quota_us", "-1")
+                _write(self.v2_dir / "cgroup.kill", "1")
+                _wait_until(lambda: not _populated(self.v2_dir))
+            if not _populated(self.v2_dir):
+                # Every process of the sandbox is in its cgroup2 directory (cloned into it,
+                # and nothing inside can move itself out): empty there is empty in v1 too,
+                # without reading each v1 hierarchy's cgroup.procs (~1 ms per destroy).
+                return
         if "cpu" in self.v1_dirs:
             _lift_cpu_quota(self.v1_dirs["cpu"] / "cpu.cfs_quota_us", "-1")
-        if self.v2_dir is not None and self.v2_dir.exists() and _populated(self.v2_dir):
-            _write(self.v2_dir / "cgroup.kill", "1")
-            _wait_until(lambda: _read_keyed(self.v2_dir / "cgroup.events").get("populated") == 0)
         if "freezer" in self.v1_dirs and self.v1_dirs["freezer"].exists():
             self._kill_by_freezing(self.v1_dirs["freezer"])
         else:
