@@ -40,6 +40,10 @@ OVERRIDES = {"limits": {"memory": "512MiB", "disk": "64MiB"}}
 NO_DISK = {"limits": {"memory": "512MiB", "disk": 0}}
 ERRORS: list[str] = []
 sys.path.insert(0, str(REPO))
+from tests.helpers import isolation  # noqa: E402
+
+# own cgroup parent and disk base, claimed before any sandbox module reads them at import
+ISOLATED = isolation.claim("sbxbench")
 
 from sandbox.client import Client  # noqa: E402
 from tests.helpers.daemon import DaemonProc  # noqa: E402
@@ -332,4 +336,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.exit(isolation.finish(ISOLATED) or code)

@@ -21,6 +21,10 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import isolation  # noqa: E402
+
+# own cgroup parent and disk base, claimed before any sandbox module reads them at import
+ISOLATED = isolation.claim("sbxbench")
 
 from sandbox.policy import load_policy  # noqa: E402
 from sandbox.runtime import sandbox as sbmod  # noqa: E402
@@ -120,3 +124,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    sys.exit(isolation.finish(ISOLATED))

@@ -28,6 +28,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.helpers import isolation  # noqa: E402
+
+# own cgroup parent and disk base, claimed before any sandbox module reads them at import
+ISOLATED = isolation.claim("sbxbench")
 
 from sandbox.client import Client, DaemonError  # noqa: E402
 from tests.helpers.daemon import TEST_POLICY, DaemonProc, process_tree  # noqa: E402
@@ -175,4 +179,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.exit(isolation.finish(ISOLATED) or code)

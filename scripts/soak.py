@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.helpers import isolation  # noqa: E402
+
+# own cgroup parent and disk base, claimed before any sandbox module reads them at import
+ISOLATED = isolation.claim("sbxbench")
 
 from sandbox.audit.verify import verify  # noqa: E402
 from sandbox.runtime.recovery import find_leftovers  # noqa: E402
@@ -153,4 +157,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.exit(isolation.finish(ISOLATED) or code)
