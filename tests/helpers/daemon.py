@@ -174,6 +174,15 @@ def cgroup_frozen(pid: int) -> bool:
     raise AssertionError(f"no cgroup2 membership for pid {pid}")
 
 
+def wait_until(pred, seconds: float = 60.0, step: float = 0.05) -> bool:
+    """Poll pred() until true or `seconds` pass (bounded: background destroys, pool refills)."""
+    for _ in range(max(1, int(seconds / step))):
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and every process below it (a sandbox's whole pid namespace, seen from
     outside, when pid is its init), through /proc/<pid>/task/*/children."""

@@ -7,14 +7,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sandbox.client import Client, DaemonError
 from tests.helpers import fakes
-from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive, cgroup_frozen
+from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive, cgroup_frozen, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +41,6 @@ def _grant(admin, **kw):
 
 
 SMALL = {"limits": {"memory": "512MiB"}}
-
-
-def _wait_until(cond, seconds: float = 60.0) -> bool:
-    """Poll cond() until true or `seconds` pass (bounded; destroys run in the background)."""
-    for _ in range(int(seconds / 0.05)):
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def _init_pid(admin, sid) -> int:
@@ -166,7 +156,7 @@ def test_revocation_kills_only_that_tokens_sandboxes(daemon, admin):
             ca.list()
         assert e.value.status == 401 and a not in str(e.value)
         assert cb.exec(sb, ["echo", "still here"]).stdout == b"still here\n"
-        assert _wait_until(lambda: {s["id"] for s in admin.list()} == {sb})
+        assert wait_until(lambda: {s["id"] for s in admin.list()} == {sb})
         cb.destroy(sb)
 
 
@@ -177,7 +167,7 @@ def test_expiry_kills_only_that_tokens_sandboxes(daemon, admin):
         sa = ca.create(TEST_POLICY, overrides=SMALL)["id"]
         sb = cb.create(TEST_POLICY, overrides=SMALL)["id"]
         pid_a, pid_b = _init_pid(admin, sa), _init_pid(admin, sb)
-        assert _wait_until(lambda: sa not in {s["id"] for s in admin.list()})
+        assert wait_until(lambda: sa not in {s["id"] for s in admin.list()})
         assert not alive(pid_a) and alive(pid_b)
         with pytest.raises(DaemonError) as e:
             ca.create(TEST_POLICY, overrides=SMALL)
@@ -352,4 +342,4 @@ def test_run_goes_through_the_daemon(daemon, admin):
                env={"SANDBOXD_SOCKET": daemon.socket})
     assert out.returncode == 7 and out.stdout == "via daemon\n", out.stderr
     assert len(admin.audit(action="daemon_create", limit=10000)) == before + 1
-    assert _wait_until(lambda: admin.list() == [])
+    assert wait_until(lambda: admin.list() == [])

@@ -11,7 +11,6 @@ import os
 import select
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,9 @@ from sandbox.audit.query import query
 from sandbox.audit.verify import verify
 from sandbox.client import Client, DaemonError
 from sandbox.runtime.recovery import find_leftovers
-from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive, process_tree
+from tests.helpers.daemon import TEST_POLICY, DaemonProc, alive, process_tree, wait_until
 
 SMALL = {"limits": {"memory": "256MiB"}}
-
-
-def _wait(pred, seconds: float = 30.0) -> bool:
-    for _ in range(int(seconds / 0.02)):
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def _exited(fd: int) -> bool:
@@ -56,7 +47,7 @@ def _start_busy(d, admin, token, sid, nprocs: int) -> list[int]:
     init = admin.inspect(sid)["info"]["init_pid"]
     _run_in_background(d.socket, token, sid,
                        ["sh", "-c", " ".join(["sleep 300 &"] * (nprocs - 1)) + " sleep 300"])
-    assert _wait(lambda: len(process_tree(init)) >= nprocs + 1), f"the sleeps of {sid} did not start"
+    assert wait_until(lambda: len(process_tree(init)) >= nprocs + 1), f"the sleeps of {sid} did not start"
     return process_tree(init)
 
 
@@ -92,7 +83,7 @@ def test_revoke_answers_only_when_every_process_of_every_sandbox_is_gone(daemon)
             # Teardown goes on in the background; meanwhile they show as destroying.
             states = {s["id"]: s["state"] for s in admin.list() if s["id"] in sids}
             assert set(states.values()) <= {"destroying"}
-            assert _wait(lambda: not any(s["id"] in sids for s in admin.list()))
+            assert wait_until(lambda: not any(s["id"] in sids for s in admin.list()))
             for sid in sids:
                 assert find_leftovers(daemon.run, id_prefix=sid) == [], sid
             # The revocation is on disk: the token file says so.
@@ -122,7 +113,7 @@ def test_destroy_without_waiting_answers_when_processes_are_gone_and_leaves_noth
                 for fd in fds:
                     os.close(fd)
             assert out["id"] == sid and out["state"] == "destroying" and all(gone), gone
-            assert _wait(lambda: c.list() == [])
+            assert wait_until(lambda: c.list() == [])
             assert find_leftovers(daemon.run, id_prefix=sid) == []
             # The next sandbox fits the token's maximum again, and a plain destroy still
             # answers only when the teardown is verified.

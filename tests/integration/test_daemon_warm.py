@@ -1,19 +1,10 @@
 """Warm sandboxes through a real daemon (sandboxd --warm-pool): handed out only for the
 default policy unchanged, to one token, never twice; drained by the kill switch; nothing
 left when the daemon stops."""
-import time
 
 from sandbox.client import Client
 from sandbox.runtime.recovery import find_leftovers
-from tests.helpers.daemon import DaemonProc, alive
-
-
-def _wait(pred, seconds: float = 120.0) -> bool:
-    for _ in range(int(seconds / 0.05)):      # bounded
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+from tests.helpers.daemon import DaemonProc, alive, wait_until
 
 
 def _warm_creates(admin) -> dict[str, bool]:
@@ -24,7 +15,7 @@ def test_warm_sandboxes_are_handed_out_once_and_refilled():
     d = DaemonProc(extra_args=("--warm-pool", "2"))
     with d:
         with d.admin() as admin:
-            assert _wait(lambda: admin.health()["warm"] == 2), d.log.read_text()[-2000:]
+            assert wait_until(lambda: admin.health()["warm"] == 2), d.log.read_text()[-2000:]
             a = admin.grant_token(name="a", max_sandboxes=4)
             b = admin.grant_token(name="b", max_sandboxes=4)
             with Client(d.socket, token=a["token"]) as ca, Client(d.socket, token=b["token"]) as cb:
@@ -41,7 +32,7 @@ def test_warm_sandboxes_are_handed_out_once_and_refilled():
                 assert res.exit_code == 0 and res.stdout.split() == [b"0", b"1000"]
                 age = ca.inspect(first)["age"]
                 assert age < 60                       # lifetime counted from hand-out
-                assert _wait(lambda: admin.health()["warm"] == 2)   # rebuilt
+                assert wait_until(lambda: admin.health()["warm"] == 2)   # rebuilt
                 for c, sid in ((ca, first), (cb, second), (ca, custom)):
                     c.destroy(sid)
                     assert find_leftovers(d.run, id_prefix=sid) == [], sid
@@ -53,16 +44,16 @@ def test_kill_switch_takes_the_warm_sandboxes_too():
     d = DaemonProc(extra_args=("--warm-pool", "1"))
     with d:
         with d.admin() as admin:
-            assert _wait(lambda: admin.health()["warm"] == 1), d.log.read_text()[-2000:]
+            assert wait_until(lambda: admin.health()["warm"] == 1), d.log.read_text()[-2000:]
             before = {p.name for p in (d.run / "sandboxes").iterdir()}
             assert len(before) == 1                   # the warm one, recorded for recovery
             pid = _init_pid_of(d.run / "sandboxes" / next(iter(before)))
             assert alive(pid)
             admin.kill_all()
             assert not alive(pid)                     # gone when the kill switch answers
-            assert _wait(lambda: {p.name for p in (d.run / "sandboxes").iterdir()}
+            assert wait_until(lambda: {p.name for p in (d.run / "sandboxes").iterdir()}
                          .isdisjoint(before))         # destroyed, and a new one is built
-            assert _wait(lambda: admin.health()["warm"] == 1)
+            assert wait_until(lambda: admin.health()["warm"] == 1)
 
 
 def _init_pid_of(intent_path) -> int:
