@@ -104,15 +104,15 @@ static void exec_path(char **argv, char **envp)
     errno = saw_eacces ? EACCES : ENOENT;
 }
 
-/* The seccomp slot: the very last step before execve, after no_new_privs (set in init
- * and inherited). With NEW_LISTENER the listener fd goes to the parent first, so the
- * supervisor holds it before the first notified syscall can happen. */
 /* The command's seccomp program, read once from the child's pipe (SBX_FD_FILTER). */
 static struct {
     struct sbx_filter_hdr h;
     struct sock_filter prog[SBX_FILTER_MAX / sizeof(struct sock_filter)];
 } filter;
 
+/* The seccomp slot: the very last step before execve, after no_new_privs (set in init
+ * and inherited). With NEW_LISTENER the listener fd goes to the parent first, so the
+ * supervisor holds it before the first notified syscall can happen. */
 static int install_seccomp(int report_fd)
 {
     if (filter.h.len == 0)

@@ -30,9 +30,8 @@ int sbx_recv_msg(int fd, struct sbx_msg *m);
  * exactly these fds and nothing else of the caller's: not its memory, not its files. */
 __attribute__((noreturn)) void sbx_child_main(const struct sbx_plan *p, int sync_fd, int ctl_fd,
                                               int last_cap, const int *v1_tasks);
-#define SBX_MAX_V1 8
-/* How long either side of the spawn waits for each message of the other. */
-#define SBX_SETUP_TIMEOUT_S 30       /* v1 hierarchies a sandbox joins (memory, pids, cpu, ...) */
+#define SBX_MAX_V1 8                 /* v1 hierarchies a sandbox joins (memory, pids, cpu, ...) */
+#define SBX_SETUP_TIMEOUT_S 30       /* seconds either side of the spawn waits for the other */
 #define SBX_INIT_EXE "sbx-init"
 enum sbx_init_fds {
     SBX_FD_SYNC = 3,   /* sync socket: init sends MSG_SETUP_DONE (or MSG_ERROR) on it */

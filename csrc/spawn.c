@@ -99,7 +99,12 @@ static int write_maps(const struct sbx_plan *p, int pid, struct sbx_error *e)
  * cgroup_procs_write_start). v1 checks the writer against the credentials the file was
  * opened with (__cgroup1_procs_write: of->file->f_cred), so the child, unprivileged on the
  * host, may do it through these fds and nothing else. */
-static void close_all(const int *fds, int n);
+static void close_all(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+}
+
 static int open_v1_tasks(const struct sbx_plan *p, int *fds, struct sbx_error *e)
 {
     if (p->n_cgroup_v1 > SBX_MAX_V1) {
@@ -115,12 +120,6 @@ static int open_v1_tasks(const struct sbx_plan *p, int *fds, struct sbx_error *e
         }
     }
     return 0;
-}
-
-static void close_all(const int *fds, int n)
-{
-    for (int i = 0; i < n; i++)
-        close(fds[i]);
 }
 
 static void kill_and_reap(int pid, int pidfd)
@@ -367,17 +366,15 @@ int sbx_spawn(const struct sbx_plan *p, struct sbx_child *out, struct sbx_error 
 
 fail_child:
     /* the child may still be before its exec: the kill ends it and frees the cloning
-     * thread, whose clone3 returns; only then is the child's stack ours again */
+     * thread (joined below) */
     if (child_tid)
         kill_and_reap((int)child_tid, pidfd);
     if (pidfd >= 0)
         close(pidfd);
-    pthread_join(cloner, NULL);
-    cloner_started = 0;
 fail_fds:
-    if (cloner_started)
+    if (cloner_started) /* after the kill: its clone3 has returned, the child's stack is free */
         pthread_join(cloner, NULL);
-    if (sync[1] >= 0) /* still ours: the child never got its copies counted as closed */
+    if (sync[1] >= 0) /* before READY the v1 fds are still open (closed with sync[1]) */
         close_all(v1, p->n_cgroup_v1);
     if (stack != MAP_FAILED)
         munmap(stack, SBX_CHILD_STACK);

@@ -115,7 +115,6 @@ def _open_init() -> int:
                          "(run scripts/setup)", step="init", errno=e.errno, syscall="open") from None
 
 
-
 def spawn(plan: SpawnPlan) -> Child:
     """clone3 the sandbox's init with the plan; returns once init is confined and serving."""
     keep: list = []

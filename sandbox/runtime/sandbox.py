@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import stat
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +70,6 @@ class SandboxContext:
     audit: AuditSink
     state_dir: Path
     intent: Any = None
-    dir: Path | None = None              # none any more (intent: a file; /etc: shared)
     uidrange: uidrange.UidRange | None = None
     cgroup: Any = None                   # set by the cgroup step (kill/freeze/thaw/usage/reason)
     workspace: str | None = None         # caller's host dir, or None
@@ -102,7 +100,7 @@ def _facility_step(module: str, ctx: SandboxContext) -> Step | None:
 def _state_step(ctx: SandboxContext) -> Step:
     """The intent record (one append-only file, sandbox/runtime/intent.py). There is no
     per-sandbox directory any more: /etc is a shared view and the root mount point a shared
-    empty directory (_rootfs_step), so ctx.dir stays None."""
+    empty directory (_rootfs_step)."""
     def do():
         ctx.intent = Intent.create(ctx.state_dir, ctx.id, {"policy": ctx.policy.name})
         return ctx.intent
@@ -550,14 +548,11 @@ class Sandbox:
             return {"id": self.id, "leftovers": []}
         self._destroyed = True
         self._timer.cancel()
-        pid, sdir = self.ctx.init_pid, self.ctx.dir
+        pid = self.ctx.init_pid
         failures = self.lifecycle.unwind()
         leftovers = list(failures)
         if pid and os.path.exists(f"/proc/{pid}") and _same_process(pid, self.ctx):
             leftovers.append(f"process {pid}")
-        if sdir and sdir.exists():
-            leftovers.append(str(sdir))
-        leftovers += mounts.mounts_under(str(sdir)) if sdir else []
         self.ctx.audit.record("sandbox_destroy", sandbox=self.id,
                               outcome="ok" if not leftovers else "error",
                               details={"leftovers": len(leftovers)})

@@ -47,8 +47,15 @@ def _start_busy(d, admin, token, sid, nprocs: int) -> list[int]:
     init = admin.inspect(sid)["info"]["init_pid"]
     _run_in_background(d.socket, token, sid,
                        ["sh", "-c", " ".join(["sleep 300 &"] * (nprocs - 1)) + " sleep 300"])
-    assert wait_until(lambda: len(process_tree(init)) >= nprocs + 1), f"the sleeps of {sid} did not start"
+    assert wait_until(lambda: len(process_tree(init)) >= nprocs + 1), \
+        f"the sleeps of {sid} did not start"
     return process_tree(init)
+
+
+def _one_sandbox_token(admin, name: str) -> str:
+    """A token for one sandbox of the test policy (the maximum matters to these tests)."""
+    return admin.grant_token(name=name, policies=[TEST_POLICY], max_sandboxes=1,
+                             ceiling={"memory": "1GiB"})["token"]
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +107,10 @@ def _token_entry(d, tid: str) -> str:
 
 def test_destroy_without_waiting_answers_when_processes_are_gone_and_leaves_nothing(daemon):
     with daemon.admin() as admin:
-        tok = admin.grant_token(name="nowait", policies=[TEST_POLICY], max_sandboxes=1,
-                                ceiling={"memory": "1GiB"})
-        with Client(daemon.socket, token=tok["token"]) as c:
+        tok = _one_sandbox_token(admin, "nowait")
+        with Client(daemon.socket, token=tok) as c:
             sid = c.create(TEST_POLICY, SMALL)["id"]
-            pids = _start_busy(daemon, admin, tok["token"], sid, 2)
+            pids = _start_busy(daemon, admin, tok, sid, 2)
             fds = [os.pidfd_open(p) for p in pids]
             try:
                 out = c.destroy(sid, wait=False)
@@ -131,11 +137,10 @@ def test_a_pending_teardown_is_shown_counted_and_finished_by_recovery_after_a_cr
     try:
         d.start()
         with d.admin() as admin:
-            tok = admin.grant_token(name="crash", policies=[TEST_POLICY], max_sandboxes=1,
-                                    ceiling={"memory": "1GiB"})
-            with Client(d.socket, token=tok["token"]) as c:
+            tok = _one_sandbox_token(admin, "crash")
+            with Client(d.socket, token=tok) as c:
                 sid = c.create(TEST_POLICY, SMALL)["id"]
-                pids = _start_busy(d, admin, tok["token"], sid, 1)
+                pids = _start_busy(d, admin, tok, sid, 1)
                 out = c.destroy(sid, wait=False)
                 assert out["state"] == "destroying"
                 assert not any(alive(p) for p in pids)
