@@ -45,7 +45,8 @@ without changing where the agent's writes land. `limits.host_workspace` decides:
 that one directory are bounded only by the host filesystem; /tmp stays bounded; the
 setup step's audit record says so).
 
-Teardown shuts the filesystem down (EXT4_IOC_SHUTDOWN, no writeback), unmounts, verifies
+Teardown shuts the filesystem down (EXT4_IOC_SHUTDOWN, no writeback) unless nothing was
+written to it, unmounts, verifies
 (bounded wait) that no mount or open file holds the filesystem any more, deletes the image and
 verifies it is gone; the loop device then detaches itself (AUTOCLEAR).
 """
@@ -263,6 +264,14 @@ def _loop_backing(dev: str) -> str | None:
 
 # ---------------------------------------------------------------------------- the disk
 
+def _fill_state(where) -> tuple[int, int]:
+    """(free blocks, free inodes) of the filesystem at `where` (a path or an open fd). ext4's statfs subtracts delayed-
+    allocation reservations from the free blocks (ext4_statfs, s_dirtyclusters_counter), so
+    data written but not yet allocated counts as used."""
+    st = os.statvfs(where)
+    return st.f_bfree, st.f_ffree
+
+
 def _shutdown_fd(fd: int):
     """The disk's contents die with the sandbox: shut the filesystem down without writing
     back dirty data (EXT4_IOC_SHUTDOWN, NOLOGFLUSH). Otherwise the last unmount (which may
@@ -280,6 +289,8 @@ class SandboxDisk:
     mountpoint: Path
     loopdev: str
     size: int
+    # (free blocks, free inodes) right after mount; None when unknown (crash recovery)
+    fresh: tuple[int, int] | None = None
 
     @property
     def tmp_dir(self) -> Path:
@@ -328,7 +339,12 @@ class SandboxDisk:
                     ours = dev == os.stat(self.loopdev).st_rdev if self.loopdev else True
                 except OSError:
                     ours = False
-            if ours:
+            # The shutdown costs ~0.6 ms of a 1.2 ms teardown; unmounting a disk nothing was
+            # written to has nothing to write back, so it is skipped when the free block and
+            # inode counts are still those of the fresh disk (overwriting the few blocks the
+            # template has in place leaves at most those dirty). Even 64 KiB of dirty data
+            # made an unmount without shutdown slower than one with it (measured here).
+            if ours and (self.fresh is None or _fill_state(fd) != self.fresh):
                 _shutdown_fd(fd)
         finally:
             if fd >= 0:
@@ -396,6 +412,7 @@ def create(name: str, size: int, *, base: Path = DEFAULT_BASE, intent=None) -> S
         try:
             mnt.mkdir(mode=0o700)
             _mount(disk.loopdev, mnt, "ext4", MS_NOSUID | MS_NODEV)
+            disk.fresh = _fill_state(mnt)
         finally:
             os.close(lfd)
     except BaseException:

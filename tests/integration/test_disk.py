@@ -191,3 +191,28 @@ def test_teardown_never_shuts_down_a_filesystem_that_is_not_its_own(base):
         b.remove()
     _gone(a)
     _gone(b)
+
+
+def test_teardown_shuts_down_only_a_disk_that_was_written_to(base, monkeypatch):
+    """EXT4_IOC_SHUTDOWN (no writeback) is what keeps a teardown from writing a full disk
+    back through the loop; a disk nothing was written to has nothing to write back, so its
+    teardown skips the ioctl. Data not yet allocated (delayed allocation) and a new empty
+    file both count as written."""
+    calls = []
+    real = disk._shutdown_fd
+    monkeypatch.setattr(disk, "_shutdown_fd", lambda fd: (calls.append(fd), real(fd)))
+    disks = [disk.create(f"w{i}", 16 * MiB, base=base) for i in range(3)]
+    try:
+        (disks[1].tmp_dir / "data").write_bytes(b"x" * 65536)      # dirty, not yet synced
+        (disks[2].tmp_dir / "empty").touch()
+        shut = []
+        for d in disks:
+            before = len(calls)
+            d.remove()
+            shut.append(len(calls) - before)
+        assert shut == [0, 1, 1]
+    finally:
+        for d in disks:
+            d.remove()
+    for d in disks:
+        _gone(d)
