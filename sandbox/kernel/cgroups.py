@@ -92,6 +92,25 @@ def _read_text(path: Path, fds: dict | None = None) -> str:
     return os.pread(fd, 65536, 0).decode()
 
 
+def _write_kept(path: Path, value: str, fds: dict):
+    """Write a cgroup file through a write fd kept open for the cgroup's life (the handle's
+    fd cache, keyed apart from the read fds): memory.max_usage_in_bytes is reset before every
+    command, and an open + close per reset is most of its cost."""
+    key = (path, "w")
+    try:
+        fd = fds.get(key)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            kept = fds.setdefault(key, fd)     # another thread may have opened it meanwhile
+            if kept != fd:
+                os.close(fd)
+                fd = kept
+        os.pwrite(fd, value.encode(), 0)
+    except OSError as e:
+        raise CgroupError(f"cannot write {value.strip()!r} to {path}", errno=e.errno,
+                          syscall="write") from e
+
+
 def _gone(e: OSError) -> bool:
     """The file is not there (any more): ENOENT, or ENODEV from a kept fd of a removed cgroup."""
     return isinstance(e, FileNotFoundError) or e.errno == errno.ENODEV
@@ -309,7 +328,7 @@ class SandboxCgroup:
         self.v1_dirs = dict(v1_dirs)
         self._fd: int | None = None
         self._marks: list = []
-        self._fds: dict[Path, int] = {}     # figures files kept open (_read_text)
+        self._fds: dict = {}     # figures files kept open (_read_text, _write_kept)
 
     # membership ------------------------------------------------------------
     def paths(self) -> list[Path]:
@@ -589,10 +608,11 @@ class V1Cgroup(SandboxCgroup):
                 **self._pids_figures(pids)}
 
     def _start_peak(self):
-        # memory.max_usage_in_bytes is reset by writing 0 (cgroup-v1/memory.rst 5.4).
-        self.usage()
+        # memory.max_usage_in_bytes is reset by writing 0 (cgroup-v1/memory.rst 5.4); the
+        # sandbox-wide peak keeps what the counter held until now
+        self._peak_seen = max(getattr(self, "_peak_seen", 0), self._raw_peak())
         try:
-            _write(self.v1_dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            _write_kept(self.v1_dirs["memory"] / "memory.max_usage_in_bytes", "0", self._fds)
             return "reset"
         except CgroupError:
             return None

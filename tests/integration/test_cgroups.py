@@ -103,3 +103,8 @@ def test_per_command_figures(made):
     fig = cg.since(mark)
     assert fig["oom_kills"] == 0 and fig["pids_max_hits"] == 0
     assert fig["memory_peak"] >= 16 * L.MiB and fig["cpu_seconds"] > 0
+    # the next command's peak starts afresh; the sandbox's own peak keeps the 16 MiB
+    mark = cg.mark()
+    made.start(cg, ["/bin/true"]).wait(timeout=30)
+    assert cg.since(mark)["memory_peak"] < 8 * L.MiB
+    assert cg.usage()["memory_peak"] >= 16 * L.MiB
