@@ -42,28 +42,25 @@ class Principal:
         return self.token.id if self.token is not None else None
 
 
+# Python's getsockopt takes at most 1024 bytes: 256 supplementary groups of 4 bytes
+_GROUPS_BUF = 1024
+
+
 def peer_of(sock: socket.socket) -> Peer:
+    """The peer's identity as the kernel recorded it at connect() time. Supplementary groups
+    come from SO_PEERGROUPS only: reading /proc/<pid>/status instead would see whatever
+    process holds that pid now, with the groups it has now. A peer in more groups than fit
+    (ERANGE) is taken with none: it may be refused, never let in on a guess."""
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                         struct.calcsize("3i")))
     groups: tuple[int, ...] = ()
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _GROUPS_BUF)
         groups = struct.unpack(f"{len(raw) // 4}I", raw)
-    except OSError:
-        groups = _proc_groups(pid)
+    except OSError as e:
+        log.warning("supplementary groups of peer pid %d unavailable (%s): only its uid and "
+                    "gid count", pid, e.strerror or e)
     return Peer(pid, uid, gid, tuple(groups))
-
-
-def _proc_groups(pid: int) -> tuple[int, ...]:
-    """Fallback for kernels without SO_PEERGROUPS: the Groups: line of /proc/<pid>/status."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return tuple(int(g) for g in line.split()[1:])
-    except OSError:
-        pass
-    return ()
 
 
 def group_id(name: str) -> int | None:
