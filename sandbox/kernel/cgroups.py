@@ -61,8 +61,11 @@ def human_size(n: int) -> str:
 
 def _write(path: Path, value: str):
     try:
-        with open(path, "w") as f:
-            f.write(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except OSError as e:
         raise CgroupError(f"cannot write {value.strip()!r} to {path}", errno=e.errno,
                           syscall="write") from e
@@ -159,6 +162,25 @@ def _mkdir(path: Path) -> bool:
         return False
     except OSError as e:
         raise CgroupError(f"cannot create cgroup {path}", errno=e.errno, syscall="mkdir") from e
+
+
+def _mkdir_leaf(path: Path) -> bool:
+    """_mkdir for a sandbox's directory under the run's parent: the parent levels are made
+    only when the first mkdir finds them missing, instead of one mkdir per level per
+    sandbox."""
+    try:
+        return _mkdir(path)
+    except CgroupError as e:
+        if e.errno != errno.ENOENT:
+            raise
+    missing = []
+    for p in path.parents:
+        if p.exists():
+            break
+        missing.append(p)
+    for p in reversed(missing):
+        _mkdir(p)
+    return _mkdir(path)
 
 
 def _rmdir_verified(path: Path) -> str | None:
@@ -761,13 +783,13 @@ class V1HybridDriver(Driver):
                     continue
                 d = self._dir(self.layout.v1[ctrl], name)
                 self._record(intent, d)
-                if not _mkdir(d):
+                if not _mkdir_leaf(d):
                     raise CgroupError(f"cgroup {d} already exists (sandbox id reused?)")
                 made[ctrl] = d
             if self.layout.unified is not None:
                 v2_dir = self._dir(self.layout.unified, name)
                 self._record(intent, v2_dir)
-                if not _mkdir(v2_dir):
+                if not _mkdir_leaf(v2_dir):
                     raise CgroupError(f"cgroup {v2_dir} already exists (sandbox id reused?)")
             cg = V1Cgroup(name, limits, v2_dir, made)
             self._apply(made, limits)
@@ -787,11 +809,7 @@ class V1HybridDriver(Driver):
         return self.layout.unified is not None and kernel_at_least(5, 14)
 
     def _dir(self, root: Path, name: str) -> Path:
-        cur = root
-        for part in self.parent.split("/"):
-            cur = cur / part
-            _mkdir(cur)
-        return cur / name
+        return root.joinpath(*self.parent.split("/"), name)
 
     def _apply(self, dirs: dict[str, Path], limits):
         mem = dirs["memory"]
