@@ -81,3 +81,24 @@ def test_stdin_in_pieces_with_pauses():
     start = b"".join(pieces).index(token)
     assert res.returncode == 1, res.stderr
     assert jsonl(res.stdout) == [{"start": start, "end": start + 40, "kind": "secret", "block": True}]
+
+
+def test_stdin_pipe_is_widened_to_the_read_size():
+    """A pipe on stdin is made to hold READ_SIZE bytes, so one read can take a whole MiB a
+    fast writer queued (the default 64 KiB pipe made every feed a small one); a file is
+    left alone."""
+    import fcntl
+    from sandbox.cli.commands import scan
+    r, w = os.pipe()
+    try:
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) < scan.READ_SIZE
+        scan._widen_pipe(r)
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == scan.READ_SIZE
+    finally:
+        os.close(r)
+        os.close(w)
+    fd = os.open(__file__, os.O_RDONLY)
+    try:
+        scan._widen_pipe(fd)           # not a pipe: nothing to do, no error
+    finally:
+        os.close(fd)

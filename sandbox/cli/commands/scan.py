@@ -22,6 +22,22 @@ def add_arguments(parser):
     parser.add_argument("file", nargs="?", default="-", help="file to scan (default: stdin)")
 
 
+def _widen_pipe(fd: int) -> None:
+    """Let a pipe on stdin hold READ_SIZE bytes (F_SETPIPE_SZ, pipe(7); the default is 64 KiB):
+    each read then takes up to 1 MiB that a fast writer has queued, and the scanner's
+    per-feed overhead is paid per MiB instead of per 64 KiB (measured 102 -> 140 MB/s for
+    `cat FILE | sandboxctl scan`). A read still returns whatever is there, so input that
+    comes slowly is scanned as it comes. Not a pipe, or above the limit an unprivileged
+    user may set (/proc/sys/fs/pipe-max-size): left as it is."""
+    import fcntl
+    import stat
+    try:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, READ_SIZE)
+    except OSError:
+        pass
+
+
 def _chunks(fd: int):
     while True:
         try:
@@ -53,6 +69,7 @@ def run(args):
     stream = scanner.stream(salt=os.urandom(16))
     if args.file == "-":
         fd, close = sys.stdin.fileno(), False
+        _widen_pipe(fd)
     else:
         try:
             fd, close = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC), True
