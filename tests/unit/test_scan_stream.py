@@ -385,7 +385,8 @@ def test_limit_leaves_every_finding_before_it_unchanged(full):
 def test_class_triggers_carried_across_scans_at_every_boundary(small, make):
     """A stream scans the character-class trigger database (digit runs, base64/hex runs) only
     over new bytes (plus a margin longer than any such trigger) and carries the triggers it
-    found in the held-back bytes: every split position finds what one pass finds."""
+    found in the held-back bytes: every split position finds what one pass finds. (SSN and
+    NANP triggers have required separators and run in the literal database: checked too.)"""
     import base64
     value = {"base64": lambda: base64.b64encode(b"token " + fakes.gh_token()),
              "hex": lambda: (b"k=" + fakes.gh_token()).hex().encode()}.get(make, fakes.FAKES.get(make))()
@@ -404,12 +405,25 @@ def test_unbounded_class_trigger_rescans_everything():
     """With a character-class trigger of unbounded length the shortcut is off (the margin
     could not cover it) and streams rescan the held-back bytes as before."""
     import dataclasses
-    rules = [dataclasses.replace(r, hs="[0-9]{3}-[0-9]+-[0-9]{4}") if r.id == "us-ssn" else r
+    rules = [dataclasses.replace(r, hs="[2-6][0-9]{3}[0-9 -]+[0-9]{4}") if r.id == "credit-card" else r
              for r in small_window_rules()]
     scanner = Scanner(rules, cache=False)
     assert scanner._class_db is None and len(scanner._dbs) == 2
-    data = padded(fakes.ssn(), before=30, after=30)
+    data = padded(fakes.FAKES["credit-card"](), before=30, after=30)
     ref = feed_chunks(scanner, data, [len(data)])
-    assert [f.rule_id for f in ref[1]] == ["us-ssn"]
+    assert [f.rule_id for f in ref[1]] == ["credit-card"]
     for split in range(1, len(data), 97):
         assert summary(feed_chunks(scanner, data, [split, 3000])[1]) == summary(ref[1])
+
+
+def test_triggers_with_a_required_literal_run_in_the_literal_database(full):
+    """Only triggers of character classes alone go to the character-class database; SSN and
+    NANP triggers (required separators) are searched by their literals."""
+    from sandbox.scan.engine import _required_literal
+    assert _required_literal(r"[0-9]{3}-[0-9]{2}-[0-9]{4}")
+    assert _required_literal(r"[2-9][0-9]{2}(?:\) ?|-|\.)[2-9][0-9]{2}[.-][0-9]{4}")
+    assert not _required_literal(r"(?:^|[^0-9A-Za-z.-])[2-6][0-9]{3}[ -]?[0-9]{4}")
+    assert not _required_literal(r"(?:^|[^0-9a-f])(?:[2-7][0-9a-f]|0[9aAdD]){8}")
+    assert not _required_literal(r"x?[0-9]{4}")
+    in_class = {t.rule.id for i, t in enumerate(full._triggers) if full._group_of[i] in full._class_groups}
+    assert in_class == {"credit-card", "encoded-base64", "encoded-hex"}
