@@ -89,18 +89,22 @@ _B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]+")
 _B64_PAD = re.compile(rb"={0,2}")
 
 
-def decode_base64(buf: bytes, to: int, trig_len: int, max_len: int):
+def span_base64(buf: bytes, to: int, trig_len: int, max_len: int):
+    """(start, end, raw): the encoded span reported (padding included) and the run decoded."""
     start = to - trig_len                 # the trigger starts the run: its alignment is known
     end = _B64_RUN.match(buf, start, start + max_len).end()   # ('=' is not in the alphabet)
-    body = buf[start:end].translate(_URL_TO_STD)
+    return start, _B64_PAD.match(buf, end).end(), buf[start:end]
+
+
+def from_base64(raw: bytes):
+    body = raw.translate(_URL_TO_STD)
     rest = len(body) % 4
     if rest:
         body = body[:len(body) - rest] + _pad_tail(body)
     try:
-        decoded = binascii.a2b_base64(body)
+        return binascii.a2b_base64(body)
     except binascii.Error:
         return None
-    return start, _B64_PAD.match(buf, end).end(), decoded
 
 
 def _pad_tail(body: bytes) -> bytes:
@@ -108,20 +112,42 @@ def _pad_tail(body: bytes) -> bytes:
     return body[len(body) - rest:] + b"=" * (4 - rest) if rest >= 2 else b""
 
 
-def decode_hex(buf: bytes, to: int, trig_len: int, max_len: int):
+def span_hex(buf: bytes, to: int, trig_len: int, max_len: int):
     start = to - trig_len
     end = _run_from("hex", buf, start, max_len)
     end -= (end - start) % 2
-    return start, end, bytes.fromhex(buf[start:end].decode("ascii"))
+    return start, end, buf[start:end]
 
 
-def decode_percent(buf: bytes, to: int, trig_len: int, max_len: int):
+def from_hex(raw: bytes):
+    return bytes.fromhex(raw.decode("ascii"))
+
+
+def span_percent(buf: bytes, to: int, trig_len: int, max_len: int):
     """The whitespace/quote-delimited token around the escape that ended at `to`."""
     lo = max(0, to - max_len // 2)
     back = _TOKEN_END.match(buf[lo:to][::-1]).end()      # reversed: linear, not quadratic
     start = to - back
     end = min(_TOKEN_END.match(buf, to).end(), start + max_len)
-    return start, end, unquote_to_bytes(buf[start:end])
+    return start, end, buf[start:end]
 
 
-DECODE = {"base64": decode_base64, "hex": decode_hex, "percent": decode_percent}
+# Each decoder in two steps: SPAN finds the encoded text from a trigger's end (its span and
+# the bytes to decode), FROM_RAW decodes those bytes (None: not decodable). The decoded text
+# depends on the raw bytes alone, so a scanner can remember runs that decoded to nothing
+# worth reporting (Scanner._quiet) without decoding them again.
+SPAN = {"base64": span_base64, "hex": span_hex, "percent": span_percent}
+FROM_RAW = {"base64": from_base64, "hex": from_hex, "percent": unquote_to_bytes}
+
+
+def _decoder(name):
+    span, raw_decode = SPAN[name], FROM_RAW[name]
+
+    def decode(buf: bytes, to: int, trig_len: int, max_len: int):
+        start, end, raw = span(buf, to, trig_len, max_len)
+        decoded = raw_decode(raw)
+        return None if decoded is None else (start, end, decoded)
+    return decode
+
+
+DECODE = {name: _decoder(name) for name in SPAN}

@@ -33,7 +33,7 @@ from pathlib import Path
 import hyperscan
 
 from sandbox.errors import ScanError
-from sandbox.scan.decoders import DECODE, TRIGGERS, is_text
+from sandbox.scan.decoders import FROM_RAW, SPAN, TRIGGERS, is_text
 from sandbox.scan.findings import ACTION_RANK, Finding, ScanResult, masked_preview, salted_hash
 from sandbox.scan.rules import Rule, load_rules, rules_hash
 from sandbox.scan.validators import AT_TRIGGER, VALIDATORS, is_placeholder, shannon_entropy
@@ -284,6 +284,8 @@ class Scanner:
             self._class_db = None
         self._local = threading.local()     # hyperscan scratch space is per thread
         self._rejected: set = set()         # see _valid
+        self._quiet: set = set()            # see QUIET_BYTES
+        self._quiet_bytes = 0
         self.window = max([r.max_len for r in self.rules if r.kind != "volume"] + [64]) + SLACK
 
     @staticmethod
@@ -397,7 +399,7 @@ class Scanner:
             if kind == "encoded":
                 if depth < self.max_depth:
                     slot: list = []
-                    cands = self._candidates(buf, group.trig, ends, slot)
+                    cands = self._candidates(buf, group.trig, ends, slot, depth)
                     if cands:
                         found.append(slot)       # keeps rule order for _resolve's ties
                         pending += cands
@@ -409,7 +411,9 @@ class Scanner:
         if not pending:
             return _resolve(found)
         results = self._find_many([c[2] for c in pending], depth + 1)
-        for (start, end, _decoded, decoder, slot), inner_found in zip(pending, results):
+        for (start, end, _decoded, decoder, slot, key), inner_found in zip(pending, results):
+            if not inner_found:
+                self._remember_quiet(key)
             for _s, _e, inner, value, enc in inner_found:
                 slot.append((start, end, inner, value, (decoder,) + enc))
         flat = []
@@ -420,24 +424,39 @@ class Scanner:
                 flat.append(f)
         return _resolve(flat)
 
-    def _candidates(self, buf, trig, ends, slot) -> list:
-        """Decoded text runs of one encoded rule: (start, end, decoded, decoder, slot)."""
+    def _candidates(self, buf, trig, ends, slot, depth) -> list:
+        """Decoded text runs of one encoded rule: (start, end, decoded, decoder, slot, key).
+        Runs this scanner already decoded to nothing worth reporting at this depth (key in
+        _quiet) are skipped without decoding them again."""
         out, done = [], -1
         rule = trig.rule
-        decode = DECODE[rule.decoder]
+        span, from_raw = SPAN[rule.decoder], FROM_RAW[rule.decoder]
+        quiet = self._quiet
         for _, to in sorted(ends):
             if to <= done:
                 continue
-            cand = decode(buf, to, trig.trig_len, rule.max_len)
-            if cand is None:
+            start, end, raw = span(buf, to, trig.trig_len, rule.max_len)
+            key = (rule.decoder, depth, raw)
+            if key in quiet:
+                done = end
                 continue
-            start, end, decoded = cand
+            decoded = from_raw(raw)
+            if decoded is None:
+                continue
             done = end
             if (len(decoded) < rule.min_len or not is_text(decoded, 0.8)
                     or len(decoded) == end - start and decoded == buf[start:end]):
+                self._remember_quiet(key)
                 continue
-            out.append((start, end, decoded, rule.decoder, slot))
+            out.append((start, end, decoded, rule.decoder, slot, key))
         return out
+
+    def _remember_quiet(self, key) -> None:
+        if self._quiet_bytes > QUIET_BYTES:
+            self._quiet.clear()
+            self._quiet_bytes = 0
+        self._quiet.add(key)
+        self._quiet_bytes += len(key[2]) + 100
 
     def _find_many(self, texts: list, depth: int) -> list:
         """find() of each text (no binary detection), with ONE hyperscan pass per database
@@ -565,6 +584,12 @@ def _confirm(buf: bytes, grp: _Group, hits: list, rejected: set) -> list:
 # the rule's index in that scanner (ids may mean other checks in another scanner); bounded;
 # shared by the scanner's threads (set add/contains are atomic under the GIL).
 REJECTED_MAX = 4096
+# ... and encoded runs (decoder, depth, the encoded bytes) that decoded to nothing worth
+# reporting: not text, or text without findings. The decoded text and its findings depend on
+# those bytes and the depth alone, so the same run seen again (the same base64 config blob in
+# every deploy log line) is skipped without decoding or rescanning it. Only quiet runs are
+# kept, never one with a finding; bounded by the bytes held (cleared when over).
+QUIET_BYTES = 1 << 20
 
 
 def _valid(rule: Rule, index: int, value: bytes, match: bytes, rejected: set) -> bool:

@@ -106,3 +106,26 @@ def test_many_encoded_values_in_one_buffer_each_at_its_own_span(scanner):
     found = sorted((f.start, f.end, f.encoding) for f in scanner.scan(data).findings)
     want = sorted((data.index(e), data.index(e) + len(e), ("base64",)) for e in encoded)
     assert found == want
+
+
+def test_quiet_runs_are_not_decoded_again_and_runs_with_findings_always_are(monkeypatch):
+    """A scanner remembers encoded runs that decoded to nothing worth reporting (not text, or
+    text without findings) and skips them when they come back; a run that holds a finding is
+    never remembered, however often it repeats."""
+    import sandbox.scan.engine as engine
+    scanner = Scanner(RULES)
+    benign = base64.b64encode(b'{"name": "build", "replicas": 3, "image": "registry.local/x:1.2"}')
+    secret = base64.b64encode(b"token " + fakes.gh_token())
+    decoded = []
+    real = dict(engine.FROM_RAW)
+    monkeypatch.setattr(engine, "FROM_RAW", {k: (lambda raw, f=f: decoded.append(raw) or f(raw))
+                                             for k, f in real.items()})
+    for round_ in range(3):
+        decoded.clear()
+        found = scanner.scan(b"data: " + benign + b"\nkey: " + secret + b"\n").findings
+        assert [(f.rule_id, f.encoding) for f in found] == [("github-token", ("base64",))]
+        assert decoded == [v.rstrip(b"=") for v in ([benign, secret] if round_ == 0 else [secret])]
+    # the memory is bounded: past QUIET_BYTES it starts afresh
+    monkeypatch.setattr(engine, "QUIET_BYTES", 0)
+    scanner.scan(b"data: " + benign + b"\n")
+    assert len(scanner._quiet) <= 1
