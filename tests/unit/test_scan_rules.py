@@ -146,3 +146,57 @@ def test_noreply_check_at_the_trigger_agrees_with_the_full_validation(monkeypatc
     assert with_check == run(plain)
     assert sum(map(bool, with_check)) >= 6              # the lookalikes are found
     assert with_check[0] == []                          # the noreply author is not
+
+
+def test_email_trigger_is_the_plain_trigger_minus_the_noreply_domain(monkeypatch):
+    """With the email_domain validator, the e-mail rule's hyperscan trigger leaves out
+    '@users.noreply.github.com' ending a domain (validators.TRIGGER_WITH_VALIDATOR): on strings
+    built around that domain it fires at exactly the '@' where the plain trigger fires and
+    validators.noreply_at does not skip, and a scanner with the plain trigger finds the same
+    e-mails. Without the validator the plain trigger is compiled."""
+    import dataclasses
+    import random
+
+    import hyperscan
+
+    from sandbox.scan.engine import _expressions
+    from sandbox.scan.validators import EMAIL_TRIGGER, noreply_at
+    rules = load_rules()
+    email = next(r for r in rules if r.id == "email")
+    assert email.hs == EMAIL_TRIGGER
+    compiled = {t.rule.id: e for e, _, t in _expressions(rules)}["email"]
+    assert compiled != EMAIL_TRIGGER
+    lax = [dataclasses.replace(email, validators=())]
+    assert [e for e, _, _ in _expressions(lax)] == [EMAIL_TRIGGER]
+
+    def matcher(expr):
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        db.compile(expressions=[expr.encode()], ids=[0], elements=1, flags=[hyperscan.HS_FLAG_SOM_LEFTMOST])
+
+        def starts(buf):
+            out = set()
+            db.scan(buf, match_event_handler=lambda i, frm, to, fl, ctx: out.add(frm))
+            return out
+        return starts
+
+    r = random.Random(6)
+    pieces = [b"@users.noreply.github.com", b"@users.noreply.github.co", b"@users.", b"@user.", b"@usersx.",
+              b"@Users.", b"noreply", b".github", b".com", b"dev", b"-", b".", b" ", b"\n", b">", b"@", b"ab",
+              b"users", b"1", b"m"]
+    bufs = [b"".join(r.choice(pieces) for _ in range(r.randint(1, 10))) for _ in range(2000)]
+    fired, plain_starts, compiled_starts = 0, matcher(EMAIL_TRIGGER), matcher(compiled)
+    for buf in bufs:
+        want = {s for s in plain_starts(buf) if not noreply_at(buf, s)}
+        assert compiled_starts(buf) == want, buf
+        fired += bool(want)
+    assert fired > 500
+    from sandbox.scan import engine
+    default = Scanner(rules)
+    texts = [b"Author: Dev <" + b + b">\n" for b in bufs[:300]] + [b"mail " + fakes.email() + b"\n"]
+    key = lambda res: [(f.rule_id, f.start, f.end) for f in res.findings]  # noqa: E731
+    with_trigger = [key(default.scan(t)) for t in texts]
+    monkeypatch.setattr(engine, "TRIGGER_WITH_VALIDATOR", {})
+    assert {t.rule.id: e for e, _, t in _expressions(rules)}["email"] == EMAIL_TRIGGER
+    plain = Scanner(rules, cache=False)
+    assert [key(plain.scan(t)) for t in texts] == with_trigger
+    assert with_trigger[-1] and sum(map(bool, with_trigger)) > 50
