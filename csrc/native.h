@@ -11,7 +11,7 @@
 #define SANDBOXD_NATIVE_H
 #include <stdint.h>
 
-#define SBX_ABI_VERSION 6
+#define SBX_ABI_VERSION 7
 
 struct sbx_error {
     char step[32];
@@ -115,4 +115,5 @@ int sbx_make_userns(const char *uid_map, const char *gid_map, struct sbx_error *
 int sbx_idmapped_tree(const char *path, int userns_fd, int recursive, struct sbx_error *err);
 int sbx_pidfd_send_signal(int pidfd, int sig);
 int sbx_cap_last_cap(void);
+int sbx_make_netns(struct sbx_error *err);
 #endif

@@ -13,7 +13,7 @@ from sandbox._native_lib import ffi, lib  # noqa: F401
 from sandbox.errors import SpawnError
 from sandbox.runtime.plan import SpawnPlan
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 if lib.sbx_abi_version() != ABI_VERSION:  # a stale build would misread the plan struct
     raise ImportError("sandbox._native_lib is stale: rebuild with setup.py build_ext --inplace")
 # init, pid 1 of every sandbox: a static executable built with the extension
@@ -145,6 +145,16 @@ def idmapped_tree(path: str, userns_fd: int, recursive: bool = True) -> int:
     fd = lib.sbx_idmapped_tree(path.encode(), userns_fd, int(recursive), err)
     if fd < 0:
         _raise(err, f"cannot make an idmapped mount of {path}")
+    return fd
+
+
+def make_netns() -> int:
+    """An fd of a new, empty network namespace (lo down) owned by the caller's user
+    namespace; it lives as long as an fd or a process holds it."""
+    err = ffi.new("struct sbx_error *")
+    fd = lib.sbx_make_netns(err)
+    if fd < 0:
+        _raise(err, "cannot make a network namespace")
     return fd
 
 

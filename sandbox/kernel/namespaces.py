@@ -1,14 +1,17 @@
 """Namespaces of a sandbox and what the host offers (for `sandboxctl doctor`).
 
 The C spawn path (csrc/spawn.c) creates them all in one clone3(2): user, mount, pid,
-uts, ipc, cgroup, and network unless the network step passes a netns fd. This module
-names them and checks the host can make them.
+uts, ipc, cgroup, and network unless it is given a netns fd: the network step's, or else
+an empty one made ahead (NetnsPool). This module names them and checks the host can make
+them.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import threading
+import weakref
 
 # sched.h
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
@@ -59,3 +62,116 @@ def probe() -> list[tuple[str, bool, str]]:
     out.append(("CLONE_INTO_CGROUP", have_v2 and rel >= (5, 7),
                 "cgroup2 mounted, kernel >= 5.7" if have_v2 else "no cgroup2 mount"))
     return out
+
+
+# ---- empty network namespaces, made ahead ----------------------------------------------
+
+class NetnsPool:
+    """A few empty network namespaces (lo down), made ahead by a background thread, for
+    sandboxes whose policy gives them no network (mode "none"): a new netns is ~1 ms of
+    kernel work, a third of a spawn when clone3 makes it (CLONE_NEWNET), and none of it
+    needs the sandbox. take() hands one out, or None when none is ready (the spawn then
+    makes its own with CLONE_NEWNET, as without a pool). The pool fills on demand: it
+    keeps as many ready as namespaces were asked for so far, up to `size`, so a process
+    that makes one sandbox (sandboxctl run) makes at most one namespace ahead.
+
+    What such a sandbox gets is the same either way: a namespace with nothing but a down
+    loopback, shared with no other process. One difference: a namespace made here is owned
+    by the host's user namespace (like the network step's), not the sandbox's, so not even
+    root of the sandbox's user namespace can administer it (the agent never holds a
+    capability anyway); the sandbox mounts no sysfs, which would need it to own its netns.
+
+    Each namespace exists only as an fd: never named or mounted, never entered by anything
+    before its sandbox (sbx_make_netns enters it only to open it, on the pool's own
+    thread). take() removes it from the pool, so it is handed out once; the taker closes
+    its fd once the sandbox's init is in it (or failed to start), so it ends with that
+    sandbox; what the pool still holds ends with the process. A forked child drops the fds
+    it inherited without using them: the parent may hand the same namespaces out."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._want = 0                     # namespaces to keep ready (grows with demand)
+        self._fds: list[int] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self.error: str | None = None      # the last failure to make one (doctor, tests)
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (p := me()) is not None and p._forked())
+
+    def take(self) -> int | None:
+        """An fd of an unused empty netns, now the caller's to close; or None."""
+        if self.size <= 0:
+            return None
+        with self._cond:
+            fd = self._fds.pop() if self._fds else None
+            self._want = min(self.size, self._want + 1)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._fill, name="sandboxd-netns",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            return fd
+
+    def held(self) -> int:
+        with self._cond:
+            return len(self._fds)
+
+    def wait_full(self, timeout: float = 5.0) -> bool:
+        """(tests, benchmarks) wait until the pool holds what it wants (True), or has
+        stopped trying (False: see `error`)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._full() or not self._filling(),
+                                       timeout) and self._full()
+
+    def clear(self) -> None:
+        """Close every namespace the pool holds (they were never used)."""
+        with self._cond:
+            fds, self._fds = self._fds, []
+            self._want = 0
+            self._cond.notify_all()
+        for fd in fds:
+            os.close(fd)
+
+    def _full(self) -> bool:
+        return len(self._fds) >= min(self.size, self._want)
+
+    def _filling(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _fill(self) -> None:
+        from sandbox import _native
+        from sandbox.errors import SandboxError
+        cond = self._cond
+        while True:
+            with cond:
+                cond.wait_for(lambda: not self._full())
+                if self._pid != os.getpid() or cond is not self._cond:
+                    return
+            try:
+                fd = _native.make_netns()
+            except SandboxError as e:
+                with cond:
+                    self.error = str(e)   # the next take() tries again; the spawn meanwhile
+                    cond.notify_all()     # makes its own netns (and fails if it cannot)
+                return
+            with cond:
+                self._fds.append(fd)
+                cond.notify_all()
+
+    def _forked(self) -> None:
+        # In the child after fork(2): another thread may have held the lock at the fork,
+        # so never take it; the fds are the parent's namespaces, never to be used here.
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._want = 0
+        self._cond = threading.Condition()
+        self._thread = None
+        self._pid = os.getpid()
+
+
+NETNS_POOL = NetnsPool()

@@ -1,7 +1,9 @@
 """A sandbox's network: its namespace, veth pair, addresses, routes; the `network` step.
 
 Modes (policy `[network].mode`):
-  * none:     nothing here; the engine's CLONE_NEWNET gives an empty netns, lo down.
+  * none:     nothing here; the engine gives the sandbox an empty netns, lo down: one
+              made ahead (kernel/namespaces.py, NetnsPool; owned by the host user namespace,
+              like the namespaces made here), else clone3's CLONE_NEWNET.
   * loopback: a netns made here with lo up; the engine joins it (`plan.netns_fd`).
   * egress:   a netns made here by the daemon (owned by the host user namespace, so
               nothing inside can administer it), a veth pair (host end `sbx<8 hex>h` in
@@ -568,7 +570,7 @@ def _delete_netns(h: NetHandle):
 
 def make_step(ctx):
     """The `network` step for Sandbox.create, or None for mode = none (the engine's own
-    CLONE_NEWNET is then the whole story: an empty netns with lo down)."""
+    empty netns with lo down is then the whole story)."""
     if ctx.policy.network.mode == "none":
         return None
     from sandbox.runtime.lifecycle import Step

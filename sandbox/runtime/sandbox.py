@@ -23,7 +23,7 @@ from typing import Any, Callable
 from sandbox import _native
 from sandbox.audit.sink import NULL_SINK, AuditSink
 from sandbox.errors import SandboxError, TeardownError, UnsupportedError
-from sandbox.kernel import mounts, userns
+from sandbox.kernel import mounts, namespaces, userns
 from sandbox.runtime import io as cio
 from sandbox.runtime import uidrange
 from sandbox.runtime.deadlines import DEADLINES
@@ -245,10 +245,16 @@ def _release_rootfs(ctx: SandboxContext, auto: str | None) -> None:
 
 def _spawn_step(ctx: SandboxContext) -> Step:
     def do():
+        pooled = None
+        if ctx.plan.netns_fd is None:   # no network step: an empty netns, made ahead if ready
+            pooled = ctx.plan.netns_fd = namespaces.NETNS_POOL.take()
         try:
             child = _native.spawn(ctx.plan)
         finally:
             _close_mount_fds(ctx)  # the child has its copies (or failed)
+            if pooled is not None:  # init is in it now (or failed): it ends with the sandbox
+                os.close(pooled)
+                ctx.plan.netns_fd = None
         ctx.pidfd, ctx.init_pid = child.pidfd, child.pid
         ctx.extra["init_starttime"] = proc_starttime(child.pid)
         ctx.intent.add("process", pid=child.pid, starttime=ctx.extra["init_starttime"])
