@@ -42,20 +42,23 @@ static int setattr(const char *dst, uint64_t attr_set, int recursive, struct sbx
     return 0;
 }
 
-/* Make an empty mount point of the same type as src (a directory or a file). */
+/* Make an empty mount point of the same type as src (a directory or a file); one that is
+ * there already (made by the parent in the generated /etc) is used as it is. No lstat
+ * first: mkdir and O_CREAT | O_EXCL fail with EEXIST on what exists, before any check of
+ * write access (the /etc view is the host's, not writable here). */
 static int make_target(const char *dst, int is_dir, struct sbx_error *e)
 {
-    struct stat st;
-    if (lstat(dst, &st) == 0)
-        return 0; /* e.g. made by the parent in the generated /etc */
     if (is_dir) {
         if (mkdir(dst, 0755) < 0 && errno != EEXIST)
             return sbx_fail(e, "mounts", "mkdir", dst);
         return 0;
     }
-    int fd = open(dst, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
-    if (fd < 0)
+    int fd = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0) {
+        if (errno == EEXIST)
+            return 0;
         return sbx_fail(e, "mounts", "open", dst);
+    }
     close(fd);
     return 0;
 }
@@ -94,7 +97,15 @@ static int op_bind_fd(const struct sbx_mount *m, struct sbx_error *e)
     return m->attr_set ? setattr(m->dst, m->attr_set, 1, e) : 0;
 }
 
-static int op_mask(const struct sbx_mount *m, struct sbx_error *e)
+/* The first mask of each kind made so far (file: a bind of src, locked down; directory: an
+ * empty read-only tmpfs), on the building child's stack: later masks bind it (one mount
+ * each; a bind copies the flags of the mount it binds) instead of binding src and then
+ * locking each down, or making a superblock per directory. */
+struct masks {
+    const struct sbx_mount *file, *dir;
+};
+
+static int op_mask(const struct sbx_mount *m, struct masks *done, struct sbx_error *e)
 {
     struct stat st;
     if (lstat(m->dst, &st) < 0) {
@@ -103,14 +114,26 @@ static int op_mask(const struct sbx_mount *m, struct sbx_error *e)
         return sbx_fail(e, "mounts", "lstat", m->dst);
     }
     if (S_ISDIR(st.st_mode)) {
+        if (done->dir) {
+            SBX_TRY(e, "mounts", mount(done->dir->dst, m->dst, NULL, MS_BIND, NULL), m->dst);
+            return 0;
+        }
         SBX_TRY(e, "mounts", mount("tmpfs", m->dst, "tmpfs",
                                    MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                                    "size=0,mode=0555"), m->dst);
+        done->dir = m;
+        return 0;
+    }
+    if (done->file && strcmp(done->file->src, m->src) == 0) {
+        SBX_TRY(e, "mounts", mount(done->file->dst, m->dst, NULL, MS_BIND, NULL), m->dst);
         return 0;
     }
     SBX_TRY(e, "mounts", mount(m->src, m->dst, NULL, MS_BIND, NULL), m->dst);
-    return setattr(m->dst, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV |
-                               MOUNT_ATTR_NOEXEC, 0, e);
+    if (setattr(m->dst, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV |
+                            MOUNT_ATTR_NOEXEC, 0, e) < 0)
+        return -1;
+    done->file = m;
+    return 0;
 }
 
 static int op_pivot(const struct sbx_mount *m, struct sbx_error *e)
@@ -124,7 +147,7 @@ static int op_pivot(const struct sbx_mount *m, struct sbx_error *e)
     return 0;
 }
 
-static int do_mount(const struct sbx_mount *m, struct sbx_error *e)
+static int do_mount(const struct sbx_mount *m, struct masks *masks, struct sbx_error *e)
 {
     switch (m->kind) {
     case SBX_M_TMPFS:
@@ -150,7 +173,7 @@ static int do_mount(const struct sbx_mount *m, struct sbx_error *e)
         SBX_TRY(e, "mounts", symlink(m->src, m->dst), m->dst);
         return 0;
     case SBX_M_MASK:
-        return op_mask(m, e);
+        return op_mask(m, masks, e);
     case SBX_M_SETATTR:
         return setattr(m->dst, m->attr_set, (int)m->flags, e);
     case SBX_M_PIVOT:
@@ -192,8 +215,9 @@ static int build_filesystem(const struct sbx_plan *p, int root_fd, struct sbx_er
     SBX_TRY(e, "mounts", mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), "/");
     if (new_root(root_fd, e) < 0)
         return -1;
+    struct masks masks = {NULL, NULL};
     for (int i = 0; i < p->n_mounts; i++)
-        if (do_mount(&p->mounts[i], e) < 0)
+        if (do_mount(&p->mounts[i], &masks, e) < 0)
             return -1;
     return 0;
 }

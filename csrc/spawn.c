@@ -42,7 +42,12 @@ int sbx_abi_version(void) { return SBX_ABI_VERSION; }
 
 int sbx_cap_last_cap(void)
 {
-    /* CAP_LAST_CAP of the running kernel, not of our headers (capabilities(7)). */
+    /* CAP_LAST_CAP of the running kernel, not of our headers (capabilities(7)); read once
+     * (it changes only with the kernel). Threads that race here store the same value. */
+    static int known = -1;
+    int v = __atomic_load_n(&known, __ATOMIC_RELAXED);
+    if (v >= 0)
+        return v;
     char buf[16] = {0};
     int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -51,7 +56,9 @@ int sbx_cap_last_cap(void)
     close(fd);
     if (n <= 0)
         return -1;
-    return atoi(buf);
+    v = atoi(buf);
+    __atomic_store_n(&known, v, __ATOMIC_RELAXED);
+    return v;
 }
 
 int sbx_pidfd_send_signal(int pidfd, int sig)

@@ -371,7 +371,9 @@ def _dev(b: RootfsBuilder):
     b.add(MountOp(TMPFS, "/dev", data="mode=0755,size=64k", flags=MS_NOSUID | MS_NOEXEC))
     for name in DEV_NODES:
         # host device nodes (a tmpfs made in a user namespace is always nodev)
-        b.add(MountOp(BIND, f"/dev/{name}", src=f"/dev/{name}", attr_set=ATTR_NOSUID | ATTR_NOEXEC))
+        b.add(MountOp(BIND, f"/dev/{name}", src=f"/dev/{name}"))
+    # nosuid, noexec on all of them at once (before pts and shm, which have their own)
+    b.add(MountOp(SETATTR, "/dev", attr_set=ATTR_NOSUID | ATTR_NOEXEC, flags=1))
     b.mkdirs("/dev/pts")
     b.add(MountOp(DEVPTS, "/dev/pts", data="newinstance,ptmxmode=0666,mode=0620"))
     b.mkdirs("/dev/shm", 0o1777)

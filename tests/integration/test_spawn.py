@@ -117,3 +117,23 @@ def test_mount_templates_are_copied_per_spawn():
     tmpl = next(t for t in keep_a if isinstance(t, tuple))[0]
     assert tmpl[1].fd == -1
     assert _native.ffi.string(b[2].dst) == b"home/agent/shared"
+
+
+def test_masks_and_device_nodes_are_locked_down(make_sandbox):
+    """Every /proc mask is read-only, nosuid, nodev, noexec (later masks bind the first one
+    of their kind: a bind takes the flags of the mount it binds), every device node nosuid
+    and noexec (set on all of them at once), as the sandbox's own mount table says."""
+    from sandbox.kernel import mounts
+    sb = make_sandbox()
+    table = {}
+    with open(f"/proc/{sb.init_pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            table[fields[4]] = set(fields[5].split(","))
+    masked = [f"/proc/{n}" for n in mounts.PROC_MASKED if os.path.lexists(f"/proc/{n}")]
+    assert len(masked) >= 3
+    for path in masked:
+        assert {"ro", "nosuid", "nodev", "noexec"} <= table[path], (path, table.get(path))
+    for name in mounts.DEV_NODES:
+        assert {"nosuid", "noexec"} <= table[f"/dev/{name}"], name
+    assert "nodev" not in table["/dev/null"]        # (a device node that works)
