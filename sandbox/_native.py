@@ -50,12 +50,24 @@ _MOUNT_TEMPLATES: dict = {}
 _MOUNT_TEMPLATES_MAX = 64
 
 
+def _signature(mounts) -> tuple:
+    """What the C template of a mount list is made of: every field but the fds. A list
+    from mounts.build_rootfs that still is its cached template with fds put in (checked:
+    the same op objects, frozen, and the fd ops equal to the template's but for the fd) is
+    keyed by that template alone, without reading its ~70 ops."""
+    tmpl = getattr(mounts, "template", None)
+    if tmpl is not None and len(tmpl) == len(mounts) and all(
+            m is t or (m.fd != -1 and m.key() == t.key()) for m, t in zip(mounts, tmpl)):
+        return ("rootfs", id(tmpl))   # (the cache entry keeps tmpl alive: the id stays its)
+    return tuple((m.kind, m.optional, m.src, m.dst, m.data, m.flags, m.attr_set, m.mode, m.uid,
+                  m.gid) for m in mounts)
+
+
 def _c_mounts(mounts, keep: list):
     """A fresh struct sbx_mount[] for this spawn (the child reads it while the caller may
     spawn again), copied from a cached template, with this spawn's mount fds filled in."""
     n = max(1, len(mounts))
-    sig = tuple((m.kind, m.optional, m.src, m.dst, m.data, m.flags, m.attr_set, m.mode, m.uid,
-                 m.gid) for m in mounts)
+    sig = _signature(mounts)
     tmpl = _MOUNT_TEMPLATES.get(sig)
     if tmpl is None:
         strings: list = []
@@ -69,7 +81,7 @@ def _c_mounts(mounts, keep: list):
                                                                m.uid, m.gid)
         if len(_MOUNT_TEMPLATES) >= _MOUNT_TEMPLATES_MAX:
             _MOUNT_TEMPLATES.clear()
-        tmpl = _MOUNT_TEMPLATES[sig] = (arr, strings)
+        tmpl = _MOUNT_TEMPLATES[sig] = (arr, strings, getattr(mounts, "template", None))
     arr = ffi.new("struct sbx_mount[]", n)
     ffi.memmove(arr, tmpl[0], ffi.sizeof("struct sbx_mount") * n)
     keep += (arr, tmpl)       # the template's strings live as long as this spawn needs them

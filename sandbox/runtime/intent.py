@@ -98,9 +98,16 @@ def proc_starttime(pid: int) -> int | None:
     (pid, starttime) names one process for the life of the system: a recycled pid gets a
     later start time, so recovery never signals a stranger that reused the number (proc(5))."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        data = os.read(fd, 4096)     # one read: proc makes the whole line at once
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
+    if not data:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     return int(data[data.rindex(b")") + 2:].split()[19])

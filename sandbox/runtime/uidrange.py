@@ -35,18 +35,34 @@ class UidRange:
             self.fd = -1
 
 
+_made: set[str] = set()     # lock directories made (or found) by this process
+
+
 def _dir(state_dir: Path) -> Path:
     d = Path(state_dir) / "uidranges"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
 
 
+def _open_lock(state_dir: Path, slot: int) -> int:
+    d = os.path.join(state_dir, "uidranges")
+    if d not in _made:
+        _dir(state_dir)
+        _made.add(d)
+    path = os.path.join(d, f"{slot}.lock")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:   # the directory went (a removed state dir): make it again
+        _made.discard(d)
+        _dir(state_dir)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
 def allocate(state_dir: Path, start: int = 0) -> UidRange:
     """Lock the first free slot at or after `start` (wrapping)."""
-    d = _dir(state_dir)
     for i in range(SLOTS):
         slot = (start + i) % SLOTS
-        fd = os.open(d / f"{slot}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_lock(state_dir, slot)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -1,5 +1,6 @@
 """Engine pieces that need no root: caller path validation, the command environment,
 exec requests, the rootfs plan and uid range slots."""
+import dataclasses
 import os
 
 import pytest
@@ -130,3 +131,56 @@ def test_uid_ranges_are_exclusive_while_held(tmp_path):
     c = uidrange.allocate(tmp_path)
     assert c.base == a.base  # released slots are reused
     c.release()
+
+
+def test_rootfs_plans_share_one_frozen_template_and_keep_their_own_fds(policy):
+    ws = lambda fd: P.MountOp(P.BIND_FD, "", fd=fd, attr_set=P.ATTR_NOSUID)  # noqa: E731
+    etc = P.MountOp(P.BIND_FD, "", fd=7)
+    a = mounts.build_rootfs(policy, etc=etc, etc_ops=[], workspace=ws(11), context=None,
+                            shared=None)
+    b = mounts.build_rootfs(policy, etc=etc, etc_ops=[], workspace=ws(12), context=None,
+                            shared=None)
+    assert a.template is b.template and len(a) == len(b) == len(a.template)
+    fds = lambda ops: {o.dst: o.fd for o in ops if o.fd != -1}  # noqa: E731
+    assert fds(a) == {"etc": 7, "home/agent/workspace": 11}
+    assert fds(b) == {"etc": 7, "home/agent/workspace": 12}
+    assert all(o.fd == -1 for o in a.template)            # the template holds no fd
+    assert sum(x is not y for x, y in zip(a, b)) == 2     # all else is the same objects
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a[0].dst = "elsewhere"                            # shared: nobody may change one
+    # other inputs, another plan: a context dir adds its bind
+    c = mounts.build_rootfs(policy, etc=etc, etc_ops=[], workspace=ws(11), context=ws(13),
+                            shared=None)
+    assert c.template is not a.template and fds(c)["home/agent/context"] == 13
+
+
+def test_the_c_mount_list_follows_a_changed_plan_not_its_template(policy):
+    from sandbox import _native
+    etc = P.MountOp(P.BIND_FD, "", fd=7)
+    plan = mounts.build_rootfs(policy, etc=etc, etc_ops=[], workspace=etc, context=None,
+                               shared=None)
+    assert _native._signature(plan) == ("rootfs", id(plan.template))
+    changed = mounts.RootfsOps(plan)
+    changed.template = plan.template
+    changed[0] = dataclasses.replace(changed[0], attr_set=0)   # e.g. a bind made writable
+    sig = _native._signature(changed)
+    assert sig[0] != "rootfs" and sig[0][6] == 0               # read op by op
+    changed.append(P.MountOp(P.MKDIR, "extra"))
+    assert _native._signature(changed)[-1][3] == "extra"
+    keep: list = []
+    arr = _native._c_mounts(changed, keep)
+    assert arr[0].attr_set == 0 and _native.ffi.string(arr[len(changed) - 1].dst) == b"extra"
+
+
+def test_the_etc_spec_is_worked_out_again_when_the_host_etc_binds_change(policy, monkeypatch):
+    calls = []
+    real = mounts._etc_spec
+    monkeypatch.setattr(mounts, "_etc_spec", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(mounts, "_etc_specs", {})
+    first = mounts._etc_spec_cached(policy, ())
+    assert mounts._etc_spec_cached(policy, ()) == first and len(calls) == 1
+    assert mounts._etc_spec_cached(policy, ("10.0.0.1",))[3] != first[3]   # resolver
+    host = mounts._host_etc(policy)
+    monkeypatch.setattr(mounts, "_host_etc", lambda p: (None,) + host[1:])  # one went
+    mounts._etc_spec_cached(policy, ())
+    assert len(calls) == 3
