@@ -36,8 +36,7 @@ from sandbox.errors import ScanError
 from sandbox.scan.decoders import FROM_RAW, SPAN, TRIGGERS, is_text
 from sandbox.scan.findings import ACTION_RANK, Finding, ScanResult, masked_preview, salted_hash
 from sandbox.scan.rules import Rule, load_rules, rules_hash
-from sandbox.scan.validators import (AT_TRIGGER, TRIGGER_WITH_VALIDATOR, VALIDATORS, is_placeholder,
-                                      shannon_entropy)
+from sandbox.scan.validators import AT_TRIGGER, VALIDATORS, is_placeholder, shannon_entropy
 
 # Control bytes that do not occur in text output (TAB, LF, VT, FF, CR and ESC for colours do).
 BINARY_TRIGGER = r"[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]"
@@ -91,10 +90,7 @@ def _expressions(rules):
         elif rule.kind in ("secret", "pii"):
             flags = hyperscan.HS_FLAG_CASELESS if rule.caseless else 0
             if rule.hs:
-                hs = rule.hs
-                for v in rule.validators:     # the trigger minus what the validator rejects
-                    hs = TRIGGER_WITH_VALIDATOR.get((v, hs), hs)
-                out.append((hs, flags, _Trigger(rule, index)))
+                out.append((rule.hs, flags, _Trigger(rule, index)))
             elif rule.keywords:
                 for kw in rule.keywords:
                     lit = "".join("\\x%02x" % b for b in kw.encode())

@@ -213,44 +213,6 @@ def noreply_at(buf: bytes, at: int) -> bool:
     return after >= len(buf) or buf[after] not in _DOMAIN_BYTES
 
 
-# The e-mail trigger as written in the rules, and the same trigger without the matches
-# noreply_at skips, for hyperscan: a scanner whose e-mail rule has the email_domain validator
-# compiles the second (engine._expressions), so the ~240 noreply triggers per MB of build log
-# never reach Python.
-EMAIL_TRIGGER = r"@[A-Za-z0-9-]+\.[A-Za-z]{2}"
-
-
-def _class_minus(chars: str, ch: str) -> str:
-    """A bracketed class of the bytes in `chars` (a plain string of characters) but `ch`."""
-    return "[" + "".join("\\" + c if c in "-]\\^" else c for c in chars if c != ch) + "]"
-
-
-def _without_noreply() -> str:
-    """EMAIL_TRIGGER except where its '@' starts _NOREPLY_AT followed by a byte that cannot
-    continue a domain, or by the end of the buffer (exactly where noreply_at skips), as a
-    regular expression without lookahead. Labels other than "users" (shorter, longer, or five
-    bytes that differ somewhere) take the plain trigger; "@users." fires once what follows
-    leaves "noreply.github.com" + end of domain: another byte at some position, the end of
-    the buffer inside it, or a domain byte after it."""
-    import re as _re
-    import string
-    label = string.ascii_letters + string.digits + "-"
-    user, rest = "users", _NOREPLY_AT[len(b"@users."):].decode()
-    any_label = "[A-Za-z0-9-]"
-    five = "|".join(_re.escape(user[:k]) + _class_minus(label, user[k]) + any_label * (4 - k) for k in range(5))
-    not_users = f"(?:{any_label}{{1,4}}|{any_label}{{6,}}|{five})"
-    letters = string.ascii_letters
-    alts = [_class_minus(letters, rest[0]) + "[A-Za-z]", rest[0] + _class_minus(letters, rest[1])]
-    for k in range(2, len(rest)):
-        alts += [_re.escape(rest[:k]) + "[^" + _re.escape(rest[k]) + "]", _re.escape(rest[:k]) + "$"]
-    alts.append(_re.escape(rest) + "[A-Za-z0-9.-]")
-    return rf"(?:@{not_users}\.[A-Za-z]{{2}}|@users\.(?:{'|'.join(alts)}))"
-
-
-# (validator, trigger as written) -> the trigger a scanner compiles for rules with that validator
-TRIGGER_WITH_VALIDATOR = {("email_domain", EMAIL_TRIGGER): _without_noreply()}
-
-
 def url_password(value: bytes, match: bytes) -> bool:
     """The password part of scheme://user:pass@host is not a template or variable."""
     return not _TEMPLATE_PASSWORD.fullmatch(value)
