@@ -71,9 +71,9 @@ class NetnsPool:
     sandboxes whose policy gives them no network (mode "none"): a new netns is ~1 ms of
     kernel work, a third of a spawn when clone3 makes it (CLONE_NEWNET), and none of it
     needs the sandbox. take() hands one out, or None when none is ready (the spawn then
-    makes its own with CLONE_NEWNET, as without a pool). The pool fills on demand: it
-    keeps as many ready as namespaces were asked for so far, up to `size`, so a process
-    that makes one sandbox (sandboxctl run) makes at most one namespace ahead.
+    makes its own with CLONE_NEWNET, as without a pool). The pool fills on demand: from the
+    second namespace asked for on, it keeps one fewer ready than were asked for so far, up
+    to `size`, so a process that makes one sandbox (sandboxctl run) makes none ahead.
 
     What such a sandbox gets is the same either way: a namespace with nothing but a down
     loopback, shared with no other process. One difference: a namespace made here is owned
@@ -90,6 +90,7 @@ class NetnsPool:
 
     def __init__(self, size: int = 4):
         self.size = size
+        self._asked = 0                    # take() calls so far
         self._want = 0                     # namespaces to keep ready (grows with demand)
         self._fds: list[int] = []
         self._cond = threading.Condition()
@@ -105,8 +106,9 @@ class NetnsPool:
             return None
         with self._cond:
             fd = self._fds.pop() if self._fds else None
-            self._want = min(self.size, self._want + 1)
-            if self._thread is None or not self._thread.is_alive():
+            self._asked += 1
+            self._want = min(self.size, self._asked - 1)
+            if self._want and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._fill, name="sandboxd-netns",
                                                 daemon=True)
                 self._thread.start()
@@ -128,7 +130,7 @@ class NetnsPool:
         """Close every namespace the pool holds (they were never used)."""
         with self._cond:
             fds, self._fds = self._fds, []
-            self._want = 0
+            self._asked = self._want = 0
             self._cond.notify_all()
         for fd in fds:
             os.close(fd)
@@ -168,7 +170,7 @@ class NetnsPool:
             except OSError:
                 pass
         self._fds = []
-        self._want = 0
+        self._asked = self._want = 0
         self._cond = threading.Condition()
         self._thread = None
         self._pid = os.getpid()
