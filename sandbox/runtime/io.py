@@ -77,36 +77,127 @@ def recv_report(sock: socket.socket) -> Report | None:
                   fds[0] if fds else None)
 
 
-async def _emit(on_output, stream: str, data: bytes):
-    if on_output is None:
-        return
-    r = on_output(stream, data)
-    if inspect.isawaitable(r):
-        await r
+class CommandReader:
+    """Reads one command's stdout, stderr and report socket on the running loop, with a
+    reader callback per channel: a command's end (both outputs at EOF, EXITED) is seen in
+    one loop iteration, not a task wakeup per channel and a gather after them (that was
+    ~0.3 ms of loop round trips per command). `done` resolves once both outputs reached EOF
+    and the report socket gave EXITED (or EOF: init died); it fails with the first error
+    of a channel or of on_output.
 
+    Output goes to on_output(stream, data), in order per stream; when it returns an
+    awaitable, that stream is not read again until it completed (the daemon's bounded
+    queue holds a chatty command back this way). Without on_output, chunks go to `sinks`."""
 
-async def pump_output(fd: int, stream: str, on_output, sink: list[bytes] | None) -> None:
-    """Read a non-blocking pipe until EOF, passing each chunk on in order."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    ready = asyncio.Event()
-    loop.add_reader(fd, ready.set)
-    try:
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                ready.clear()
-                await ready.wait()
-                continue
-            if not data:
-                return
-            if sink is not None:
-                sink.append(data)
-            await _emit(on_output, stream, data)
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+    CHUNKS_PER_WAKEUP = 16       # then the loop gets a turn (timers, other sandboxes)
+
+    def __init__(self, chan: "CommandIO", on_output, sinks: dict, on_listener):
+        self.loop = asyncio.get_running_loop()
+        self.done = self.loop.create_future()
+        self.reports: list[Report] = []
+        self._on_output = on_output
+        self._sinks = sinks
+        self._on_listener = on_listener
+        self._report = chan.report
+        self._streams = {chan.stdout_r: "stdout", chan.stderr_r: "stderr"}
+        self._watching: set[int] = set()
+        self._open = 3
+        self._pending: set = set()     # on_output awaitables in flight
+
+    def start(self) -> None:
+        for fd in self._streams:
+            os.set_blocking(fd, False)
+            self._watch(fd, self._read_output, fd)
+        self._report.setblocking(False)
+        self._watch(self._report.fileno(), self._read_reports)
+
+    def _watch(self, fd: int, cb, *args) -> None:
+        self.loop.add_reader(fd, cb, *args)
+        self._watching.add(fd)
+
+    def _unwatch(self, fd: int) -> None:
+        if fd in self._watching:
+            self._watching.discard(fd)
+            self.loop.remove_reader(fd)
+
+    def _fail(self, e: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(e)
+
+    def _finished(self, fd: int) -> None:
+        self._unwatch(fd)
+        self._open -= 1
+        if self._open == 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def _read_output(self, fd: int) -> None:
+        stream = self._streams[fd]
+        try:
+            for _ in range(self.CHUNKS_PER_WAKEUP):
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    return
+                if not data:
+                    self._finished(fd)
+                    return
+                if self._on_output is None:
+                    self._sinks[stream].append(data)
+                    continue
+                r = self._on_output(stream, data)
+                if inspect.isawaitable(r):
+                    self._unwatch(fd)           # this stream waits for it, in order
+                    fut = asyncio.ensure_future(r)
+                    self._pending.add(fut)
+                    fut.add_done_callback(lambda f, fd=fd: self._resume(fd, f))
+                    return
+        except Exception as e:  # noqa: BLE001 - the command's error, raised by exec()
+            self._unwatch(fd)
+            self._fail(e)
+
+    def _resume(self, fd: int, fut) -> None:
+        self._pending.discard(fut)
+        if fut.cancelled() or self.done.done():
+            return
+        if fut.exception() is not None:
+            self._fail(fut.exception())
+            return
+        self._watch(fd, self._read_output, fd)
+
+    def _read_reports(self) -> None:
+        fd = self._report.fileno()
+        try:
+            while True:
+                try:
+                    r = recv_report(self._report)
+                except BlockingIOError:
+                    return
+                if r is None:
+                    self._finished(fd)
+                    return
+                if r.kind == LISTENER and r.fd is not None:
+                    self._on_listener(r.fd, r.pid)
+                self.reports.append(r)
+                if r.kind == EXITED:
+                    self._finished(fd)
+                    return
+        except Exception as e:  # noqa: BLE001 - as in _read_output
+            self._unwatch(fd)
+            self._fail(e)
+
+    async def close(self) -> None:
+        """Stop reading and close the output pipes; on_output calls still running are
+        cancelled (a timeout, a cancelled caller, a failing on_output)."""
+        for fd in list(self._watching):
+            self._unwatch(fd)
+        pending, self._pending = list(self._pending), set()
+        for fut in pending:
+            fut.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for fd in self._streams:
+            os.close(fd)
+        self._streams = {}
 
 
 async def feed_stdin(fd: int, stdin) -> None:

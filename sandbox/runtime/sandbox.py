@@ -409,32 +409,37 @@ class Sandbox:
         finally:
             chan.close_child_ends()
         out, err = ([], []) if on_output is None else (None, None)
-        tasks = [asyncio.ensure_future(cio.pump_output(chan.stdout_r, "stdout", on_output, out)),
-                 asyncio.ensure_future(cio.pump_output(chan.stderr_r, "stderr", on_output, err)),
-                 asyncio.ensure_future(self._reports(chan.report))]
+        reader = cio.CommandReader(chan, on_output, {"stdout": out, "stderr": err},
+                                   self._listener)
         # stdin is fed on the side: a command may exit without reading it all (or a
         # terminal may never send EOF); the command is done when its outputs and report are
         feeder = (asyncio.ensure_future(cio.feed_stdin(chan.stdin_parent, stdin))
                   if chan.stdin_parent is not None else None)
         timed_out = False
         try:
-            done, pending = await asyncio.wait(tasks, timeout=timeout,
-                                               return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if t.exception() is not None:
-                    raise t.exception()
-            if pending:
+            reader.start()
+            if not reader.done.done():
+                await asyncio.wait((reader.done,), timeout=timeout)
+            if not reader.done.done():
                 timed_out = True
                 self._kill_for("timeout", f"command exceeded its {timeout:g} s time limit; "
                                           "the sandbox was killed")
-                await asyncio.wait(tasks, timeout=10)  # outputs end as the sandbox dies
+                await asyncio.wait((reader.done,), timeout=10)  # outputs end as it dies
+                if reader.done.done() and not reader.done.cancelled():
+                    reader.done.exception()      # (seen: the timeout is what is reported)
+            else:
+                reader.done.result()             # raises what a channel or on_output raised
         finally:
             # on a timeout, a cancelled caller or a failing on_output: nothing keeps running
-            for t in [*tasks, *([feeder] if feeder else [])]:
-                t.cancel()
-            await asyncio.gather(*tasks, *([feeder] if feeder else []), return_exceptions=True)
+            if not reader.done.done():
+                reader.done.cancel()
+            if feeder is not None:
+                feeder.cancel()
+            await reader.close()
+            if feeder is not None:
+                await asyncio.gather(feeder, return_exceptions=True)
             chan.report.close()
-        reports = tasks[2].result() if tasks[2].done() and not tasks[2].cancelled() else []
+        reports = reader.reports
         res = self._result(argv, reports, timed_out, time.monotonic() - t0, mark)
         if out is not None:
             res.stdout, res.stderr = b"".join(out), b"".join(err)
@@ -442,30 +447,6 @@ class Sandbox:
                               details={"argv0": argv[0], "exit_code": res.exit_code,
                                        "signal": res.signal}, duration_ms=res.duration * 1000)
         return res
-
-    async def _reports(self, sock: socket.socket) -> list[cio.Report]:
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
-        ready = asyncio.Event()
-        loop.add_reader(sock.fileno(), ready.set)
-        got = []
-        try:
-            while True:
-                try:
-                    r = cio.recv_report(sock)
-                except BlockingIOError:
-                    ready.clear()
-                    await ready.wait()
-                    continue
-                if r is None:
-                    return got
-                if r.kind == cio.LISTENER and r.fd is not None:
-                    self._listener(r.fd, r.pid)
-                got.append(r)
-                if r.kind == cio.EXITED:
-                    return got
-        finally:
-            loop.remove_reader(sock.fileno())
 
     def _listener(self, fd: int, pid: int):
         handler = self.ctx.seccomp_listener
