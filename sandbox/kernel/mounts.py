@@ -305,19 +305,26 @@ def sweep_etc_cache(state_dir: Path) -> tuple[list[str], list[str]]:
     return removed, failed
 
 
+_newroots: set[str] = set()
+
+
 def newroot_dir(state_dir: Path) -> Path:
     """The directory each sandbox's init attaches its root tmpfs on, in its own mount
     namespace (csrc/child.c opens it before it builds the root): one, shared, always empty
     on the host. Made here if missing (one mkdir: EEXIST when it is there)."""
-    d = Path(state_dir) / NEWROOT
+    d = os.path.join(state_dir, NEWROOT)
     try:
         os.mkdir(d, 0o755)
     except FileExistsError:
-        if not d.is_dir() or d.is_symlink():
-            raise PolicyError(f"{d} exists and is not a directory", field="state_dir") from None
+        if d not in _newroots:        # checked once (a plain directory stays one)
+            st = os.lstat(d)
+            if not stat.S_ISDIR(st.st_mode):
+                raise PolicyError(f"{d} exists and is not a directory",
+                                  field="state_dir") from None
+            _newroots.add(d)
     except FileNotFoundError:
-        d.mkdir(mode=0o755, parents=True)
-    return d
+        Path(d).mkdir(mode=0o755, parents=True)
+    return Path(d)
 
 
 class RootfsBuilder:

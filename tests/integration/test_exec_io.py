@@ -95,3 +95,17 @@ def test_a_cancelled_exec_leaves_nothing_open(make_sandbox):
     asyncio.run(give_up())
     assert _fds() == before
     assert asyncio.run(sb.exec(["true"])).exit_code == 0
+
+
+def test_a_command_starts_with_default_signal_dispositions(make_sandbox):
+    """The caller (Python ignores SIGPIPE and SIGXFSZ) passes none of its dispositions on:
+    the child resets them before it executes init, and init sets none."""
+    import signal
+    assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN   # (what must not leak)
+    sb = make_sandbox()
+    status = asyncio.run(sb.exec(["cat", "/proc/self/status"])).stdout.decode()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert int(fields["SigIgn"], 16) == 0 and int(fields["SigCgt"], 16) == 0
+    assert int(fields["SigBlk"], 16) == 0
+    init = open(f"/proc/{sb.init_pid}/status").read()
+    assert "SigIgn:\t0000000000000000" in init and "SigCgt:\t0000000000000000" in init
