@@ -65,8 +65,10 @@ def test_layout_inside_the_disk(base):
         assert sorted(p.name for p in d.mountpoint.iterdir()) == ["lost+found", "tmp", "workspace"]
         assert d.tmp_dir.stat().st_mode & 0o7777 == 0o1777
         assert d.workspace_dir.parent == d.mountpoint
-        opts = [l.split()[5] for l in open("/proc/self/mountinfo") if l.split()[4] == str(d.mountpoint)]
-        assert opts and "nosuid" in opts[0] and "nodev" in opts[0]
+        lines = [l.split() for l in open("/proc/self/mountinfo") if l.split()[4] == str(d.mountpoint)]
+        assert lines and "nosuid" in lines[0][5] and "nodev" in lines[0][5]
+        # no write barriers: the disk's flushes would be fsyncs of the image on the host
+        assert "nobarrier" in lines[0][-1].split(",")
     finally:
         d.remove()
     _gone(d)
