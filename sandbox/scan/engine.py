@@ -588,9 +588,10 @@ def _confirm(buf: bytes, grp: _Group, hits: list, rejected: set) -> list:
 REJECTED_MAX = 4096
 # ... and encoded runs (decoder, the rule's min_len, depth, the encoded bytes) that decoded to
 # nothing worth reporting: not text, too short for the rule, or text without findings. The
-# decoded text and its findings depend on those bytes and the depth alone, so the same run seen again (the same base64 config blob in
-# every deploy log line) is skipped without decoding or rescanning it. Only quiet runs are
-# kept, never one with a finding; bounded by the bytes held (cleared when over).
+# decoded text and its findings depend on those bytes and the depth alone, so the same run
+# seen again (the same base64 config blob in every deploy log line) is skipped without
+# decoding or rescanning it. Only quiet runs are kept, never one with a finding; bounded by
+# the bytes held (cleared when over).
 QUIET_BYTES = 1 << 20
 
 
