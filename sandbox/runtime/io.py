@@ -262,7 +262,21 @@ class CommandIO:
         socket.send_fds(ctl, [request], fds)
 
     def close_child_ends(self) -> None:
-        for fd in [self.stdout_w, self.stderr_w, *self.to_close]:
+        """Close the ends the command got (init has its copies). Once: each closed number
+        is forgotten, since closing it again could close another thread's new fd."""
+        fds = [fd for fd in (self.stdout_w, self.stderr_w) if fd >= 0] + self.to_close
+        self.stdout_w = self.stderr_w = -1
+        self.to_close = []
+        for fd in fds:
             os.close(fd)
         self.report_child.close()
-        self.to_close = []
+
+    def close_parent_ends(self) -> None:
+        """Close our ends, when the command never started (no reader took them)."""
+        fds = [fd for fd in (self.stdout_r, self.stderr_r, self.stdin_parent)
+               if fd is not None and fd >= 0]
+        self.stdout_r = self.stderr_r = -1
+        self.stdin_parent = None
+        for fd in fds:
+            os.close(fd)
+        self.report.close()

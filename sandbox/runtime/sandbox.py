@@ -402,8 +402,7 @@ class Sandbox:
         try:
             chan.send(self._ctl, request)
         except OSError as e:
-            chan.close_child_ends()
-            chan.report.close()
+            chan.close_parent_ends()          # (the child ends: in the finally, once)
             raise SandboxError(f"sandbox {self.id} is not running", step="exec",
                                errno=e.errno, syscall="sendmsg") from None
         finally:

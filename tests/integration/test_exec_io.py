@@ -109,3 +109,25 @@ def test_a_command_starts_with_default_signal_dispositions(make_sandbox):
     assert int(fields["SigBlk"], 16) == 0
     init = open(f"/proc/{sb.init_pid}/status").read()
     assert "SigIgn:\t0000000000000000" in init and "SigCgt:\t0000000000000000" in init
+
+
+def test_an_exec_into_a_dead_init_fails_cleanly_and_leaves_nothing_open(make_sandbox):
+    """Init gone (OOM-killed, say) before the daemon noticed: sending the command fails.
+    The exec must fail with the sandbox's error, close each of its fds exactly once (a
+    second close of a number another thread has reused since closes that thread's fd: a
+    spawn's mount fd, the netns pool's) and leave none of them open."""
+    import select
+    import signal
+
+    from sandbox.errors import SandboxError
+    sb = make_sandbox()
+    asyncio.run(sb.exec(["true"]))
+    before = _fds()
+    os.kill(sb.init_pid, signal.SIGKILL)
+    p = select.poll()
+    p.register(sb.pidfd, select.POLLIN)   # readable once init has exited (not reaped here)
+    assert p.poll(10_000)
+    for stdin in (None, b"input"):
+        with pytest.raises(SandboxError, match="not running"):
+            asyncio.run(sb.exec(["true"], stdin=stdin))
+        assert _fds() == before
