@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,37 +79,56 @@ def _read(path: Path) -> str:
         raise CgroupError(f"cannot read {path}", errno=e.errno, syscall="read") from e
 
 
-def _read_text(path: Path, fds: dict | None = None) -> str:
+class KeptFiles(dict):
+    """A handle's cgroup files kept open: (path or (path, "w")) -> fd. Each fd is used only
+    under `lock`, and close() takes it too, so no number is closed while a reader or writer
+    (the event loop's mark(), a thread's usage()) is between looking it up and using it: a
+    number closed under it and reused by another open() meanwhile would have it read, or
+    WRITE, someone else's file. Once closed, files are opened per use, never kept again."""
+
+    def __init__(self):
+        super().__init__()
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def use(self, path, key, flags: int, op):
+        """op(fd) on the kept fd of `key` (opened on first use)."""
+        with self.lock:
+            if not self.closed:
+                fd = self.get(key)
+                if fd is None:
+                    fd = self[key] = os.open(path, flags | os.O_CLOEXEC)
+                return op(fd)
+        fd = os.open(path, flags | os.O_CLOEXEC)
+        try:
+            return op(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            while self:
+                os.close(self.popitem()[1])
+
+
+def _read_text(path: Path, fds: KeptFiles | None = None) -> str:
     """A cgroup file's text. With `fds` (a handle's cache) through an fd kept open for the
     cgroup's life and pread at offset 0, which regenerates a kernfs file: every command
     reads ~20 of these files (its figures before and after), and an open + close each was
     about 1 ms of a command's 4.6 ms. Raises like open(): FileNotFoundError, OSError."""
     if fds is None:
         return path.read_text()
-    fd = fds.get(path)
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        kept = fds.setdefault(path, fd)     # another thread may have opened it meanwhile
-        if kept != fd:
-            os.close(fd)
-            fd = kept
-    return os.pread(fd, 65536, 0).decode()
+    return fds.use(path, path, os.O_RDONLY, lambda fd: os.pread(fd, 65536, 0)).decode()
 
 
-def _write_kept(path: Path, value: str, fds: dict):
+def _write_kept(path: Path, value: str, fds: KeptFiles):
     """Write a cgroup file through a write fd kept open for the cgroup's life (the handle's
     fd cache, keyed apart from the read fds): memory.max_usage_in_bytes is reset before every
     command, and an open + close per reset is most of its cost."""
-    key = (path, "w")
+    data = value.encode()
     try:
-        fd = fds.get(key)
-        if fd is None:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            kept = fds.setdefault(key, fd)     # another thread may have opened it meanwhile
-            if kept != fd:
-                os.close(fd)
-                fd = kept
-        os.pwrite(fd, value.encode(), 0)
+        fds.use(path, (path, "w"), os.O_WRONLY, lambda fd: os.pwrite(fd, data, 0))
     except OSError as e:
         raise CgroupError(f"cannot write {value.strip()!r} to {path}", errno=e.errno,
                           syscall="write") from e
@@ -119,7 +139,7 @@ def _gone(e: OSError) -> bool:
     return isinstance(e, FileNotFoundError) or e.errno == errno.ENODEV
 
 
-def _read_int(path: Path, default: int = 0, fds: dict | None = None) -> int:
+def _read_int(path: Path, default: int = 0, fds: KeptFiles | None = None) -> int:
     """An integer file; 'max' and a missing file give `default`."""
     try:
         text = _read_text(path, fds).strip()
@@ -130,7 +150,7 @@ def _read_int(path: Path, default: int = 0, fds: dict | None = None) -> int:
     return default if text == "max" else int(text.split()[0])
 
 
-def _read_keyed(path: Path, fds: dict | None = None) -> dict[str, int]:
+def _read_keyed(path: Path, fds: KeptFiles | None = None) -> dict[str, int]:
     """'key value' lines (cpu.stat, memory.events, pids.events, memory.oom_control)."""
     try:
         text = _read_text(path, fds)
@@ -350,7 +370,7 @@ class SandboxCgroup:
         self.v1_dirs = dict(v1_dirs)
         self._fd: int | None = None
         self._marks: list = []
-        self._fds: dict = {}     # figures files kept open (_read_text, _write_kept)
+        self._fds = KeptFiles()  # figures files kept open (_read_text, _write_kept)
 
     # membership ------------------------------------------------------------
     def paths(self) -> list[Path]:
@@ -466,8 +486,7 @@ class SandboxCgroup:
 
     # teardown --------------------------------------------------------------
     def close_files(self):
-        while self._fds:
-            os.close(self._fds.popitem()[1])
+        self._fds.close()
 
     def remove(self):
         """Kill everything, remove every directory, verify. Raises TeardownError naming leftovers."""

@@ -108,3 +108,43 @@ def test_per_command_figures(made):
     made.start(cg, ["/bin/true"]).wait(timeout=30)
     assert cg.since(mark)["memory_peak"] < 8 * L.MiB
     assert cg.usage()["memory_peak"] >= 16 * L.MiB
+
+
+def test_kept_files_closed_at_teardown_are_never_used_after(made, tmp_path, monkeypatch):
+    """The handle keeps its figures files open (read fds, and since the per-command peak
+    reset a WRITE fd). Teardown (close_files, on the destroy thread) may run while a command's
+    mark() uses them on the event loop: a number closed under a user and reused meanwhile by
+    another open() must never get that user's write ("0" at offset 0 of someone's file)."""
+    import os
+    import threading
+    cg = made.create("closing")
+    cg.mark()                                  # the kept fds are open now
+    kept = list(cg._fds.values())
+    victims = []
+
+    def teardown_and_reuse():                  # another thread: close, then the numbers go
+        cg.close_files()                       # to whatever opens next
+        for i in range(len(kept) + 4):
+            victims.append(os.open(tmp_path / f"victim{i}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC))
+
+    real = os.pwrite
+    raced = []
+
+    def pwrite(fd, data, offset):
+        if not raced:                          # between taking the fd and writing through it
+            raced.append(threading.Thread(target=teardown_and_reuse))
+            raced[0].start()
+            raced[0].join(1.0)                 # (blocks if teardown waits for this user)
+        return real(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    try:
+        cg.mark()
+    except CgroupError:
+        pass                                   # (failing is fine; writing elsewhere is not)
+    monkeypatch.undo()
+    raced[0].join(10)
+    try:
+        assert victims and all(os.pread(fd, 16, 0) == b"" for fd in victims)
+    finally:
+        for fd in victims:
+            os.close(fd)
