@@ -157,7 +157,7 @@ class CommandReader:
 
     def _resume(self, fd: int, fut) -> None:
         self._pending.discard(fut)
-        if fut.cancelled() or self.done.done():
+        if fut.cancelled() or self.done.done() or fd not in self._streams:
             return
         if fut.exception() is not None:
             self._fail(fut.exception())
@@ -185,19 +185,25 @@ class CommandReader:
             self._unwatch(fd)
             self._fail(e)
 
+    def stop(self) -> None:
+        """Stop reading and close the output pipes, without waiting for anything: a caller
+        does this before its first await on the way out, which a second cancellation may end
+        (the on_output calls still running need no fd, and _resume watches nothing after)."""
+        for fd in list(self._watching):
+            self._unwatch(fd)
+        streams, self._streams = self._streams, {}
+        for fd in streams:
+            os.close(fd)
+
     async def close(self) -> None:
         """Stop reading and close the output pipes; on_output calls still running are
         cancelled (a timeout, a cancelled caller, a failing on_output)."""
-        for fd in list(self._watching):
-            self._unwatch(fd)
+        self.stop()
         pending, self._pending = list(self._pending), set()
         for fut in pending:
             fut.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        for fd in self._streams:
-            os.close(fd)
-        self._streams = {}
 
 
 async def feed_stdin(fd: int, stdin) -> None:

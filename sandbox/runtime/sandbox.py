@@ -434,10 +434,11 @@ class Sandbox:
                 reader.done.cancel()
             if feeder is not None:
                 feeder.cancel()
+            reader.stop()            # (before any await: a second cancellation may end one)
+            chan.report.close()
             await reader.close()
             if feeder is not None:
                 await asyncio.gather(feeder, return_exceptions=True)
-            chan.report.close()
         reports = reader.reports
         res = self._result(argv, reports, timed_out, time.monotonic() - t0, mark)
         if out is not None:

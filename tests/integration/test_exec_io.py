@@ -131,3 +131,33 @@ def test_an_exec_into_a_dead_init_fails_cleanly_and_leaves_nothing_open(make_san
         with pytest.raises(SandboxError, match="not running"):
             asyncio.run(sb.exec(["true"], stdin=stdin))
         assert _fds() == before
+
+
+def test_an_exec_cancelled_again_while_it_cleans_up_leaves_nothing_open(make_sandbox):
+    """A second cancellation (a client gone, then the daemon shutting down) may land while
+    exec() waits for an on_output call to finish cancelling: its pipes and report socket
+    are closed all the same."""
+    sb = make_sandbox()
+    asyncio.run(sb.exec(["true"]))
+    before = _fds()
+
+    async def on_output(stream, data):
+        try:
+            await asyncio.Event().wait()     # a sink that never drains
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)         # ... and takes its time to let go
+            raise
+
+    async def give_up_twice():
+        task = asyncio.ensure_future(sb.exec(["/bin/sh", "-c", "echo started; sleep 30"],
+                                             on_output=on_output))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(give_up_twice())
+    assert _fds() == before
+    assert asyncio.run(sb.exec(["true"])).exit_code == 0
