@@ -105,13 +105,15 @@ class NetnsPool:
         if self.size <= 0:
             return None
         with self._cond:
-            fd = self._fds.pop() if self._fds else None
             self._asked += 1
             self._want = min(self.size, self._asked - 1)
             if self._want and (self._thread is None or not self._thread.is_alive()):
+                # started before an fd leaves the pool: a failing start (no threads left)
+                # raises with every namespace still held, none lost
                 self._thread = threading.Thread(target=self._fill, name="sandboxd-netns",
                                                 daemon=True)
                 self._thread.start()
+            fd = self._fds.pop() if self._fds else None
             self._cond.notify_all()
             return fd
 

@@ -166,3 +166,21 @@ def test_the_pool_keeps_as_many_ready_as_were_asked_for(pool):
         if fd is not None:
             os.close(fd)
     assert pool.wait_full() and pool.held() == pool.size
+
+
+def test_a_filler_that_cannot_start_loses_no_namespace(pool, monkeypatch):
+    """take() starts the filler thread before an fd leaves the pool: when the start fails
+    (no threads left), the error comes out and every namespace is still the pool's."""
+    pool.take()
+    pool.take()                          # the second ask starts making them ahead
+    assert pool.wait_full()
+    held = pool.held()
+    assert held >= 1
+    monkeypatch.setattr(pool, "_thread", None)          # as if the filler had ended
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(namespaces.threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError):
+        pool.take()
+    assert pool.held() == held
