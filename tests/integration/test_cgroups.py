@@ -103,10 +103,12 @@ def test_per_command_figures(made):
     fig = cg.since(mark)
     assert fig["oom_kills"] == 0 and fig["pids_max_hits"] == 0
     assert fig["memory_peak"] >= 16 * L.MiB and fig["cpu_seconds"] > 0
-    # the next command's peak starts afresh; the sandbox's own peak keeps the 16 MiB
+    # the next command's peak starts afresh where the kernel can reset it (v1 always, v2
+    # from Linux 6.12: the VM's 6.1 cannot); the sandbox's own peak keeps the 16 MiB
     mark = cg.mark()
     made.start(cg, ["/bin/true"]).wait(timeout=30)
-    assert cg.since(mark)["memory_peak"] < 8 * L.MiB
+    if cg.kind == "v1" or mark["peak"] is not None:
+        assert mark["peak"] is not None and cg.since(mark)["memory_peak"] < 8 * L.MiB
     assert cg.usage()["memory_peak"] >= 16 * L.MiB
 
 
