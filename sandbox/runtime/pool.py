@@ -30,12 +30,18 @@ class SandboxPool:
     build() -> a Sandbox-like object with destroy(); it runs on the pool's own thread.
     """
 
-    def __init__(self, build: Callable[[], object], size: int, *, name: str = "pool"):
-        if size < 0:
-            raise ValueError("pool size must be 0 or more")
+    def __init__(self, build: Callable[[], object], size: int, *, name: str = "pool",
+                 refill_delay: float = 0.0):
+        if size < 0 or refill_delay < 0:
+            raise ValueError("pool size and refill delay must be 0 or more")
         self._build = build
         self.size = size
         self.name = name
+        # While a sandbox is still ready, a replacement is built once none was taken for
+        # this long: the requests that follow a take (the new sandbox's first commands) then
+        # do not share the CPU (and the GIL) with a build. An empty pool refills at once.
+        self.refill_delay = refill_delay
+        self._last_take = float("-inf")
         self._ready: deque = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -53,6 +59,7 @@ class SandboxPool:
                 return None
             sb = self._ready.popleft()
             self.taken += 1
+            self._last_take = time.monotonic()
             self._cond.notify_all()          # the filler builds the replacement
         return sb
 
@@ -99,8 +106,14 @@ class SandboxPool:
         delay = RETRY_MIN
         while True:
             with self._cond:
-                while not self._closed and len(self._ready) >= self.size:
-                    self._cond.wait()
+                while not self._closed:
+                    if len(self._ready) >= self.size:
+                        self._cond.wait()
+                        continue
+                    quiet = self._last_take + self.refill_delay - time.monotonic()
+                    if quiet <= 0 or not self._ready:   # empty: the next take needs one now
+                        break
+                    self._cond.wait(quiet)      # a take meanwhile pushes the build out
                 if self._closed:
                     return
             try:
