@@ -6,8 +6,11 @@ with a stand-in engine without root; the integration tests always use `RealEngin
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -197,6 +200,37 @@ class RealEngine:
                        network_sweep=network_sweep)
 
 
+_calls_lock = threading.Lock()
+_calls = 0           # engine calls handed to a worker thread and not yet returned there
+
+
+def calls_in_flight() -> int:
+    """How many call_blocking calls are still running (or queued) in worker threads: a stop
+    that finds none can let the interpreter exit normally (its atexit clean-up included)."""
+    with _calls_lock:
+        return _calls
+
+
+def _count(delta: int):
+    global _calls
+    with _calls_lock:
+        _calls += delta
+
+
 async def call_blocking(fn, *args, **kw):
-    """Run a blocking engine call off the event loop so other clients keep being served."""
-    return await asyncio.to_thread(fn, *args, **kw)
+    """Run a blocking engine call off the event loop so other clients keep being served.
+    Counted until it returns in its thread, not when its awaiter gives up (a cancelled
+    request does not stop the engine call it started)."""
+    def run():
+        try:
+            return fn(*args, **kw)
+        finally:
+            _count(-1)
+    _count(+1)
+    try:
+        fut = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(contextvars.copy_context().run, run))
+    except BaseException:
+        _count(-1)             # never handed over (the executor is shut down)
+        raise
+    return await fut

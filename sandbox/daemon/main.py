@@ -177,15 +177,17 @@ def main(argv=None) -> int:
 async def _bounded(coro):
     """Run serve(); then leave without waiting for engine calls still stuck in worker threads
     (a teardown waiting on the kernel): asyncio.run would join them with no bound and
-    systemd would SIGKILL us at TimeoutStopSec. Their intent records stay for recovery."""
+    systemd would SIGKILL us at TimeoutStopSec. Their intent records stay for recovery.
+    With no engine call left, the interpreter exits normally: idle worker threads join at
+    once, and atexit removes what this process made (its shared /etc views)."""
     code = await coro
-    import threading
-    stuck = [t.name for t in threading.enumerate()
-             if t is not threading.current_thread() and not t.daemon and t.is_alive()
-             and t.name.startswith("asyncio_")]
+    from sandbox.daemon.engine import calls_in_flight
+    stuck = calls_in_flight()
     if stuck:
-        log.info("leaving without joining %d worker threads (an engine call may still be "
-                 "waiting on the kernel; recovery cleans up after it)", len(stuck))
+        log.info("leaving without waiting for %d engine call(s) still in worker threads "
+                 "(waiting on the kernel; recovery cleans up after them)", stuck)
+        from sandbox.kernel.mounts import clear_etc_cache
+        clear_etc_cache()          # what atexit would do; os._exit skips it
         logging.shutdown()
         sys.stderr.flush()
         os._exit(code)

@@ -90,9 +90,10 @@ class DaemonProc:
                 self.proc.wait()
                 left.append("daemon did not stop on SIGTERM")
         self._logf.close()
-        sbdir = self.run / "sandboxes"
-        if sbdir.exists():
-            left += [str(p) for p in sbdir.iterdir()]
+        for sub in ("sandboxes", "etc"):   # intent records; the shared /etc views
+            d = self.run / sub
+            if d.exists():
+                left += [str(p) for p in d.iterdir()]
         return left
 
     def cleanup(self):
