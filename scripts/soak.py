@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -102,13 +103,19 @@ def soak_engine(n: int, warmup: int) -> int:
             sb.destroy()
         except SandboxError as e:
             failures.append(f"{sb.id}: {e}")
+    rc = 1
     try:
-        return _run(n, warmup, cycle, os.getpid(), tmp / "run", tmp / "state", prefix, parent)
+        rc = _run(n, warmup, cycle, os.getpid(), tmp / "run", tmp / "state", prefix, parent)
+        return rc
     finally:
         log.close()
         for hier in Path("/sys/fs/cgroup").iterdir():
             if (hier / parent).is_dir():
                 os.rmdir(hier / parent)
+        if rc == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"left for inspection: {tmp}")
 
 
 def _run(n, warmup, cycle, pid, run_dir, state_dir, prefix, cgroup_parent=None) -> int:
