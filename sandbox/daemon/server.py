@@ -930,13 +930,13 @@ class Daemon:
         p = self._need_admin(request)
         tid = request.match_info["id"]
         try:
-            tok, changed = self.tokens.mark_revoked(tid)
+            tok, unsaved = self.tokens.mark_revoked(tid)
         except KeyError:
             raise NotFoundError(f"no token {tid[:40]!r}") from None
         timer = self._token_timers.pop(tok.id, None)
         if timer is not None:
             timer.cancel()
-        saving = asyncio.ensure_future(call_blocking(self.tokens.save)) if changed else None
+        saving = asyncio.ensure_future(call_blocking(self.tokens.save)) if unsaved else None
         recs = [r for r in self.registry.of_token(tok.id) if r.state != "destroying"]
         try:
             kill_ms = await self._kill_now(recs)

@@ -103,6 +103,7 @@ class TokenStore:
         self.default_ttl = default_ttl
         self._lock = threading.Lock()
         self._tokens: dict[str, Token] = {}
+        self._unsaved: set[str] = set()    # revoked in memory, not yet in a successful save
         self._load()
 
     # -- persistence -------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class TokenStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, self.path)
+            self._unsaved.clear()          # the file now holds every revocation made so far
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -189,23 +191,25 @@ class TokenStore:
 
     def revoke(self, tid: str) -> Token:
         """Revoke and persist (fsynced) before returning."""
-        tok, changed = self.mark_revoked(tid)
-        if changed:
+        tok, unsaved = self.mark_revoked(tid)
+        if unsaved:
             self.save()
         return tok
 
     def mark_revoked(self, tid: str) -> tuple[Token, bool]:
         """Revoke in memory only: from this call on verify() refuses the token. The caller
         makes it durable with save() (the daemon does so while it kills the token's
-        sandboxes, and answers only once both are done). (token, whether it changed)."""
+        sandboxes, and answers only once both are done). (token, whether the revocation
+        still has to be saved): true again on a retry after a failed save, so the retry
+        saves instead of acknowledging a revocation a restart would forget."""
         with self._lock:
             tok = self.get(tid)
             if tok is None:
                 raise KeyError(tid)
-            if tok.revoked is not None:
-                return tok, False
-            tok.revoked = time.time()
-            return tok, True
+            if tok.revoked is None:
+                tok.revoked = time.time()
+                self._unsaved.add(tok.id)
+            return tok, tok.id in self._unsaved
 
     def save(self):
         """Persist the current state (atomically, fsynced); safe from any thread."""

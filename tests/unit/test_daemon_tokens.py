@@ -132,3 +132,24 @@ def test_workspace_must_be_under_a_granted_root(tmp_path):
         bounds.check_workspace(scope, str(root / "link"))
     with pytest.raises(AuthError):
         bounds.check_workspace(scope, str(root) + "/../outside")
+
+
+def test_a_revocation_whose_save_failed_is_saved_by_the_retry(store, tmp_path, monkeypatch):
+    """The daemon answers 503 "retry" when the token file cannot be written; the retry must
+    save the revocation, not see the token already revoked in memory and acknowledge it."""
+    import sandbox.daemon.tokens as tokens_mod
+    tok, value = store.grant(TokenScope(), granted_by=0)
+    assert store.mark_revoked(tok.id) == (tok, True)
+
+    def no_rename(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tokens_mod.os, "rename", no_rename)
+    with pytest.raises(OSError):
+        store.save()
+    monkeypatch.undo()
+    assert TokenStore(tmp_path / "tokens.json").verify(value).id == tok.id   # not on disk yet
+    assert store.mark_revoked(tok.id) == (tok, True)          # the retry must save
+    store.save()
+    assert store.mark_revoked(tok.id) == (tok, False)
+    with pytest.raises(AuthError, match="revoked"):
+        TokenStore(tmp_path / "tokens.json").verify(value)
