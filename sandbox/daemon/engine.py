@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import os
 import signal
 import threading
@@ -16,6 +17,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 from sandbox.client import ExecResult
 from sandbox.errors import SandboxError
+
+log = logging.getLogger("sandboxd.engine")
 
 # While a warm sandbox is still ready, its taken sibling's replacement is built only after
 # this long without another take (sandbox/runtime/pool.py), so the new sandbox's first
@@ -159,10 +162,18 @@ class RealEngine:
         from sandbox.policy import policy_hash
         if policy_hash(policy) != self._pool_key:
             return None
-        h = self._pool.take()
-        if h is not None:
-            h.sb.restart_lifetime()
-        return h
+        while (h := self._pool.take()) is not None:
+            if h.sb.running():
+                h.sb.restart_lifetime()
+                return h
+            # it waited in the pool past its lifetime (or lost its init): never hand it out
+            log.warning("warm sandbox %s was no longer running; destroyed instead", h.sb.id)
+            try:
+                h.destroy()
+            except SandboxError as e:
+                log.error("warm sandbox %s not fully destroyed: %s (recovery removes it)",
+                          h.sb.id, e)
+        return None
 
     def warm_ready(self) -> int:
         return self._pool.ready() if self._pool is not None else 0

@@ -324,6 +324,12 @@ class Sandbox:
         self._timer = None
         self.restart_lifetime()
 
+    def running(self) -> bool:
+        """Init is alive and nothing has killed the sandbox (a warm one may have outlived its
+        lifetime in the pool, or lost its init)."""
+        return (not self._destroyed and self._dead_reason is None
+                and not _wait_pidfd(self.ctx.pidfd, 0))
+
     def restart_lifetime(self):
         """Count the sandbox's lifetime (policy.timeout) from now: at creation, and again
         when a warm sandbox is handed out of a pool (sandbox/runtime/pool.py)."""

@@ -60,3 +60,32 @@ def _init_pid_of(intent_path) -> int:
     """The init pid an intent record names (sandbox/runtime/intent.py)."""
     from sandbox.runtime.intent import Intent
     return next(r["pid"] for r in Intent.load(intent_path).resources if r["kind"] == "process")
+
+
+def test_a_warm_sandbox_that_died_in_the_pool_is_never_handed_out():
+    """A warm sandbox can stop running while it waits (its lifetime counts from when it was
+    built until hand-out, or its init is killed): a create must get a running sandbox, and
+    the dead one is destroyed, not left behind."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from sandbox.runtime.intent import Intent
+    d = DaemonProc(extra_args=("--warm-pool", "1"))
+    with d:
+        with d.admin() as admin:
+            assert wait_until(lambda: admin.health()["warm"] == 1), d.log.read_text()[-2000:]
+            records = list(Path(d.run, "sandboxes").iterdir())
+            assert len(records) == 1
+            dead_id = Intent.load(records[0]).data["sandbox"]
+            inits = [r["pid"] for r in Intent.load(records[0]).data["resources"]
+                     if r["kind"] == "process"]
+            assert len(inits) == 1
+            os.kill(inits[0], signal.SIGKILL)   # the warm sandbox's init (this test's daemon made it)
+            assert wait_until(lambda: not alive(inits[0]))
+            sid = admin.create("default")["id"]
+            assert sid != dead_id
+            assert admin.exec(sid, ["true"]).exit_code == 0
+            assert find_leftovers(d.run, id_prefix=dead_id) == []
+            assert "was no longer running" in d.log.read_text()
+            admin.destroy(sid)
