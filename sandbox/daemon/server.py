@@ -535,7 +535,14 @@ class Daemon:
     async def kill_all(self, request):
         p = self._need_admin(request)
         recs = [r for r in self.registry.all() if r.state != "destroying"]
-        kill_ms = await self._kill_now(recs)
+        try:
+            kill_ms = await self._kill_now(recs)
+        except BaseException as e:
+            # _kill_now marked them all destroying: tear down whatever is left, on record
+            self._finish_kills(recs, "kill switch", p)
+            self._record("daemon_kill_all", p, outcome="error",
+                         details={"sandboxes": len(recs), "error": str(e)[:200]})
+            raise
         drain = getattr(self.engine, "drain_pool", None)   # warm ones go too (and are rebuilt)
         if drain is not None:
             for failure in await call_blocking(drain):
@@ -965,12 +972,6 @@ class Daemon:
             resp = await self._after_durable(resp)       # the audit log failed: 503, not an ack
         return await self._answer_then_teardown(request, resp, recs, "token revoked", p)
 
-    async def _kill_token(self, tid: str) -> tuple[list[SandboxRecord], float]:
-        recs = [r for r in self.registry.of_token(tid) if r.state != "destroying"]
-        kill_ms = await self._kill_now(recs)
-        log.info("token %s: killed %d sandboxes in %.3f ms", tid, len(recs), kill_ms)
-        return recs, kill_ms
-
     def _finish_kills(self, recs: list[SandboxRecord], why: str, p=None):
         """Background teardown of killed sandboxes (the engine's kill records the reason)."""
         for r in recs:
@@ -983,8 +984,16 @@ class Daemon:
         loop = asyncio.get_running_loop()
 
         async def expire_now():
-            recs, ms = await self._kill_token(tok.id)
-            self._finish_kills(recs, "token expired")
+            recs = [r for r in self.registry.of_token(tok.id) if r.state != "destroying"]
+            try:
+                ms = await self._kill_now(recs)
+            except BaseException as e:
+                self._record("token_expire", None, resource=tok.id, outcome="error",
+                             details={"sandboxes": len(recs), "error": str(e)[:200]})
+                raise
+            finally:
+                self._finish_kills(recs, "token expired")   # whatever the kill left
+            log.info("token %s expired: killed %d sandboxes in %.3f ms", tok.id, len(recs), ms)
             self._record("token_expire", None, resource=tok.id,
                          details={"sandboxes": len(recs), "kill_ms": ms})
 

@@ -125,7 +125,9 @@ class DaemonThread:
                                    admin_group="sbxt-noadmin", **config)
         self.engine = FakeEngine(root / "ws")
         self.loop = asyncio.new_event_loop()
-        self.daemon = Daemon(self.config, self.engine)
+        from sandbox.audit.sink import MemorySink
+        self.audit = MemorySink()          # what the daemon recorded, for the tests to read
+        self.daemon = Daemon(self.config, self.engine, audit=self.audit)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.errors import SandboxError
+
 sys.path.insert(0, str(Path(__file__).parent))
 from daemon_fakes import BLOCK, REDACT, DaemonThread  # noqa: E402
 
@@ -130,6 +132,61 @@ def test_revoke_that_cannot_be_saved_is_refused_and_killed_but_not_acknowledged(
         with pytest.raises(DaemonError) as e:
             ca.list()
         assert e.value.status == 401                          # and refused in memory
+        del d.daemon.tokens.save                              # the disk is back: the retry
+        assert admin.revoke_token(aid)["killed"] == 0         # ... saves the revocation
+        saved = json.loads(d.config.tokens_path.read_text())["tokens"]
+        assert [t["revoked"] is not None for t in saved if t["id"] == aid] == [True]
+
+
+def _failing_kill(d):
+    """_kill_now as when the processes do not go in time: marked destroying, then raises."""
+    async def kill_now(recs):
+        for r in recs:
+            r.state = "destroying"
+        raise SandboxError("1 sandbox(es) still had processes 30 s after SIGKILL")
+    d.daemon._kill_now = kill_now
+
+
+def _records(d, action) -> list[dict]:
+    """The daemon's audit records of `action` (its sink here is in memory)."""
+    return [r for r in d.audit.records if r["action"] == action]
+
+
+def _all_destroyed(d, ids) -> bool:
+    for _ in range(100):
+        if all(d.engine.handles[i].destroyed for i in ids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_kill_switch_whose_kill_times_out_still_tears_down_and_records_it(d, admin):
+    a, _ = _token(admin)
+    with Client(d.socket, token=a) as ca:
+        ids = [ca.create()["id"], ca.create()["id"]]
+    _failing_kill(d)
+    with pytest.raises(DaemonError) as e:
+        admin.kill_all()
+    assert e.value.status >= 500
+    assert _all_destroyed(d, ids)                 # not left "destroying" forever
+    assert admin.list() == []
+    rec = _records(d, "daemon_kill_all")
+    assert rec and rec[-1]["outcome"] == "error"
+
+
+def test_an_expiry_whose_kill_times_out_still_tears_down_and_records_it(d, admin):
+    a, _ = _token(admin, ttl=0.5)
+    with Client(d.socket, token=a) as ca:
+        sid = ca.create()["id"]
+    _failing_kill(d)
+    assert _all_destroyed(d, [sid])
+    assert admin.list() == []
+    for _ in range(100):
+        rec = _records(d, "token_expire")
+        if rec:
+            break
+        time.sleep(0.05)
+    assert rec and rec[-1]["outcome"] == "error"
 
 
 def test_expiry_kills_the_tokens_sandboxes(d, admin):
