@@ -92,14 +92,15 @@ class SandboxPool:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        stuck = []
         if self._thread.is_alive():
             self._thread.join(timeout)
-            if self._thread.is_alive():
-                return [f"{self.name}: builder thread did not stop within {timeout:g} s"]
+            if self._thread.is_alive():      # its build is left to it (and to recovery)
+                stuck = [f"{self.name}: builder thread did not stop within {timeout:g} s"]
         with self._cond:
             items = list(self._ready)
             self._ready.clear()
-        return self._destroy_all(items)
+        return stuck + self._destroy_all(items)
 
     # ---- the filler ---------------------------------------------------------------------
     def _fill(self):

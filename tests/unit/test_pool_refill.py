@@ -59,3 +59,31 @@ def test_no_delay_refills_at_once():
         assert len(built) == 3
     finally:
         assert pool.close() == []
+
+
+def test_close_destroys_what_is_ready_even_when_a_build_is_stuck():
+    destroyed, gate, calls = [], threading.Event(), []
+
+    class Tracked(Fake):
+        def destroy(self):
+            destroyed.append(self.id)
+
+    def build():
+        calls.append(1)
+        if len(calls) > 1:
+            gate.wait(10)                 # the second build hangs (the kernel, say)
+        return Tracked(len(calls))
+    pool = SandboxPool(build, 2, name="t")
+    for _ in range(200):
+        if pool.ready() == 1 and len(calls) == 2:
+            break
+        time.sleep(0.01)
+    failures = pool.close(timeout=0.2)
+    assert failures and "did not stop" in failures[0]
+    assert destroyed == ["fake-1"]
+    gate.set()                            # the stuck build ends: closed, it is destroyed
+    for _ in range(200):
+        if destroyed == ["fake-1", "fake-2"]:
+            break
+        time.sleep(0.01)
+    assert destroyed == ["fake-1", "fake-2"]
