@@ -110,8 +110,13 @@ def soak_engine(n: int, warmup: int) -> int:
     finally:
         log.close()
         for hier in Path("/sys/fs/cgroup").iterdir():
-            if (hier / parent).is_dir():
-                os.rmdir(hier / parent)
+            try:
+                (hier / parent).rmdir()       # empty unless a cgroup leaked (then reported)
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as e:
+                rc = 1
+                print(f"cgroup parent {hier / parent} not removed: {e.strerror}")
         if rc == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -128,7 +128,8 @@ class InProcDaemon:
         self.state = self.tmp / "state"
         self.config = DaemonConfig(socket_path=Path(self.socket), state_dir=self.state,
                                    run_dir=self.tmp / "run", client_group="nogroup",
-                                   admin_group="sbxt-noadmin", network_sweep=False)
+                                   admin_group="sbxt-noadmin", network_sweep=False,
+                                   warm_pool=0)       # as DaemonProc: no sandboxes unasked
         self.log = AuditLog(self.state, **({"fsync": fsync} if fsync else {}), mirror=None)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -15,6 +15,7 @@ def test_peer_groups_are_those_at_connect_time(tmp_path):
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(1)
+    srv.settimeout(10)                   # a child that failed before connect(): fail, not hang
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                         # the child: connect in the groups, then leave them
