@@ -154,16 +154,6 @@ def _write_etc_files(etc_dir: Path, files: dict, targets: list) -> None:
             target.touch()
 
 
-def write_etc(etc_dir: Path, policy, *, nameservers: tuple = ()) -> list[MountOp]:
-    """Generate the sandbox's /etc on the host (bound read-only later) and return the bind
-    operations for policy.filesystem.etc_binds. Mount targets for those binds are made here,
-    by the parent: the child cannot write into this host-owned directory."""
-    files, targets, ops = _etc_spec(policy, nameservers)
-    etc_dir.mkdir(mode=0o755, exist_ok=True)
-    _write_etc_files(etc_dir, files, targets)
-    return ops
-
-
 # ---- the shared /etc views and root mount point ------------------------------------------
 #
 # Every sandbox of a policy gets the same generated /etc (the agent's name and ids, the
@@ -412,7 +402,7 @@ def _build_rootfs(policy, *, etc: MountOp, etc_ops: list[MountOp], workspace: Mo
     b.mkdirs("/etc")
     b.add(_at(etc, "/etc"))
     for op in etc_ops:
-        b.add(_at(op, op.dst))              # (shared by every sandbox of an /etc view)
+        b.add(op)                           # (shared by every sandbox of an /etc view)
     b.add(MountOp(SETATTR, "/etc", attr_set=ATTR_LOCKDOWN | ATTR_NOEXEC, flags=1))
     _proc(b)
     _dev(b)

@@ -9,9 +9,10 @@ those quads/pairs in a row, so git SHAs, sha256 digests, UUIDs and `sha512-...` 
 hashes (encodings of random bytes) rarely trigger at all, and when one does, decoding shows
 non-text and it costs a few microseconds.
 
-A decoder returns (start, end, decoded) with start/end the encoded text's offsets in the
-buffer; the engine rescans `decoded` with the same rules (bounded depth) and reports any
-finding at the encoded span.
+Each decoder comes in two steps: SPAN[name] finds the encoded text a trigger ended in (its
+start/end offsets in the buffer and the raw bytes to decode), FROM_RAW[name] decodes those
+bytes (None: not decodable). The engine rescans the decoded text with the same rules
+(bounded depth) and reports any finding at the encoded span.
 """
 from __future__ import annotations
 
@@ -139,15 +140,3 @@ def span_percent(buf: bytes, to: int, trig_len: int, max_len: int):
 SPAN = {"base64": span_base64, "hex": span_hex, "percent": span_percent}
 FROM_RAW = {"base64": from_base64, "hex": from_hex, "percent": unquote_to_bytes}
 
-
-def _decoder(name):
-    span, raw_decode = SPAN[name], FROM_RAW[name]
-
-    def decode(buf: bytes, to: int, trig_len: int, max_len: int):
-        start, end, raw = span(buf, to, trig_len, max_len)
-        decoded = raw_decode(raw)
-        return None if decoded is None else (start, end, decoded)
-    return decode
-
-
-DECODE = {name: _decoder(name) for name in SPAN}

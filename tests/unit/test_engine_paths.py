@@ -112,10 +112,14 @@ def test_rootfs_plan_masks_proc_and_ends_pivoted_read_only(policy):
 
 
 def test_generated_etc_has_the_agent_and_no_host_secrets(policy, tmp_path):
-    mounts.write_etc(tmp_path / "etc", policy)
-    names = sorted(p.name for p in (tmp_path / "etc").iterdir())
-    assert "shadow" not in names and "passwd" in names and "resolv.conf" in names
-    assert "agent:x:1000:1000::/home/agent:/bin/sh" in (tmp_path / "etc" / "passwd").read_text()
+    view = mounts.etc_view(tmp_path, policy)
+    try:
+        names = sorted(p.name for p in view.path.iterdir())
+        assert "shadow" not in names and "passwd" in names and "resolv.conf" in names
+        assert "agent:x:1000:1000::/home/agent:/bin/sh" in (view.path / "passwd").read_text()
+    finally:
+        view.release()
+        mounts.clear_etc_cache()
 
 
 def test_uid_ranges_are_exclusive_while_held(tmp_path):
